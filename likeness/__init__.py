@@ -1,0 +1,1 @@
+"""likeness: photos of a person in, the best fine-tuned SDXL checkpoint out."""

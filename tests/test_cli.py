@@ -1,0 +1,56 @@
+"""The `likeness` command as a user meets it: the installed console script and its commands."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from likeness.cli import app
+
+runner = CliRunner()
+REFERENCE = Path(__file__).parent / "data" / "onetrainer-sdxl-person.json"
+
+
+def test_installed_console_script_lists_its_commands():
+    script = shutil.which("likeness", path=str(Path(sys.executable).parent))
+    assert script, "the console script `likeness` is not installed next to this Python"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "import-onetrainer", "settings", "profiles", "tiny-models"):
+        assert command in out
+
+
+def test_python_dash_m_works():
+    out = subprocess.run([sys.executable, "-m", "likeness", "profiles"], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["demo-cpu", "sdxl-person"]
+
+
+def test_settings_shows_overrides():
+    result = runner.invoke(app, ["settings", "--profile", "demo-cpu", "--set", "training.epochs=9"])
+    assert result.exit_code == 0, result.output
+    assert "epochs = 9" in result.output
+
+
+def test_bad_override_exits_2_naming_the_field():
+    result = runner.invoke(app, ["settings", "--set", "training.batch_size=0"])
+    assert result.exit_code == 2
+    assert "training.batch_size: must be >= 1" in result.output
+
+
+def test_import_onetrainer_writes_a_profile_that_loads(tmp_path):
+    target = tmp_path / "person.toml"
+    result = runner.invoke(app, ["import-onetrainer", str(REFERENCE), "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and "role regularization" in result.output
+    shown = runner.invoke(app, ["settings", "--profile", str(target)])
+    assert shown.exit_code == 0, shown.output
+    assert "epochs = 400" in shown.output
+
+
+def test_import_onetrainer_refuses_lora(tmp_path):
+    config = tmp_path / "lora.json"
+    config.write_text(REFERENCE.read_text().replace('"FINE_TUNE"', '"LORA"'))
+    result = runner.invoke(app, ["import-onetrainer", str(config), "-o", str(tmp_path / "x.toml")])
+    assert result.exit_code == 2 and "training_method 'LORA' is not supported" in result.output
+    assert not (tmp_path / "x.toml").exists()
