@@ -1,0 +1,160 @@
+"""Loading the base SDXL model and CLIPSeg, the same way for real and tiny models.
+
+`base_model` may be a diffusers folder (with model_index.json), a single-file `.safetensors` /
+`.ckpt` checkpoint (RealVisXL and friends; `config` names a diffusers folder or hub id holding
+the component configs, which offline use and non-standard shapes need), or a hub id such as
+`stabilityai/stable-diffusion-xl-base-1.0`. With HF_HUB_OFFLINE=1 hub ids resolve from the local
+cache only.
+
+    pipe = load_sdxl_pipeline("workspace/demo/models/sdxl")
+    pipe = load_sdxl_pipeline("realvisxlV40.safetensors", config="stabilityai/stable-diffusion-xl-base-1.0",
+                              torch_dtype=torch.bfloat16)
+    model, processor = load_clipseg("CIDAS/clipseg-rd64-refined")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# Key prefixes every SDXL base checkpoint in the original (single-file) layout has.
+SDXL_SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.1.")
+HOW_TO_GIVE = "give a diffusers SDXL folder, a hub id or a single-file .safetensors checkpoint"
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether `name` is shaped like a hub repo id (`repo` or `namespace/repo`) and is not a local path."""
+    return not is_local_path(name)
+
+
+def is_local_path(name: str | Path) -> bool:
+    """Whether `name` means a local file or folder rather than a hub id.
+
+    Local: a Path object, anything that exists, anything starting with /, ./, ../ or ~, a name
+    with a backslash or a checkpoint suffix, and anything that is not a valid repo id (such as
+    `workspace/demo/models/sdxl`, which has more than one slash). A missing `models/sdxl` is a
+    hub id, as for `from_pretrained`.
+    """
+    if isinstance(name, Path):
+        return True
+    text = str(name)
+    if Path(text).expanduser().exists() or "\\" in text:
+        return True
+    if text.startswith(("/", "./", "../", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES):
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
+
+
+def is_single_file(name: str | Path) -> bool:
+    """Whether `name` names a single-file checkpoint (by suffix; it may not exist yet)."""
+    return str(name).lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def load_sdxl_pipeline(
+    base_model: str | Path,
+    *,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionXLPipeline:
+    """Load an SDXL pipeline from a single-file checkpoint, a diffusers folder or a hub id.
+
+    Raises FileNotFoundError when a local path does not exist and ValueError when it is not an
+    SDXL model; both messages name the path.
+    """
+    kwargs = _hub_kwargs(torch_dtype, local_files_only)
+    if is_local_path(base_model):
+        path = Path(base_model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder; {HOW_TO_GIVE}")
+        if path.is_dir():
+            check_diffusers_sdxl_folder(path)
+            return StableDiffusionXLPipeline.from_pretrained(str(path), **kwargs)
+        return _load_single_file(path, config, kwargs)
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(str(base_model), **kwargs)
+    except OSError as error:  # not cached while offline, no such repo, ...
+        raise OSError(f"{base_model}: could not load it as a hub id (it is no local path): {error}") from error
+
+
+def check_diffusers_sdxl_folder(folder: Path) -> None:
+    """Raise ValueError naming `folder` unless it is a diffusers folder with every SDXL component."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{folder}: not a diffusers folder (no model_index.json); {HOW_TO_GIVE}")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{index_file}: not valid JSON ({error})") from error
+    missing = [name for name in SDXL_COMPONENTS if not index.get(name) or index[name] == [None, None]]
+    if missing:
+        raise ValueError(
+            f"{folder}: not an SDXL model ({index.get('_class_name', 'unknown pipeline')} lacks "
+            f"{', '.join(missing)}); {HOW_TO_GIVE}")
+
+
+def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, Any]) -> StableDiffusionXLPipeline:
+    if not is_single_file(path):
+        raise ValueError(f"{path}: not a .safetensors or .ckpt checkpoint; {HOW_TO_GIVE}")
+    if path.suffix.lower() == ".safetensors":
+        check_sdxl_single_file(path)
+    if config is not None and is_local_path(config):
+        config = Path(config).expanduser()
+        if not config.exists():
+            raise FileNotFoundError(
+                f"{config}: no such config folder (for {path}); give a diffusers SDXL folder or hub id")
+        check_diffusers_sdxl_folder(config)
+    config_arg = None if config is None else str(config)
+    return StableDiffusionXLPipeline.from_single_file(str(path), config=config_arg, **kwargs)
+
+
+def check_sdxl_single_file(path: Path) -> None:
+    """Raise ValueError naming `path` unless its keys look like an SDXL base checkpoint (header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
+    absent = [p for p in SDXL_SINGLE_FILE_PREFIXES if not any(k.startswith(p) for k in keys)]
+    if absent:
+        raise ValueError(f"{path}: not an SDXL checkpoint (no {' or '.join(absent)}* keys); {HOW_TO_GIVE}")
+
+
+def _hub_kwargs(torch_dtype: torch.dtype | None, local_files_only: bool | None) -> dict[str, Any]:
+    """Only the options given: None keeps each library's default (HF_HUB_OFFLINE still applies)."""
+    kwargs: dict[str, Any] = {}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return kwargs
+
+
+def load_clipseg(
+    model_id_or_path: str | Path, *, local_files_only: bool | None = None
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """CLIPSeg model (in eval mode) and its processor from a folder or hub id."""
+    name = str(model_id_or_path)
+    if is_local_path(model_id_or_path):
+        name = str(Path(model_id_or_path).expanduser())
+        if not Path(name).is_dir():
+            raise FileNotFoundError(f"{name}: no such CLIPSeg folder; give a folder or a hub id (CIDAS/clipseg-rd64-refined)")
+    kwargs = _hub_kwargs(None, local_files_only)
+    try:
+        model = CLIPSegForImageSegmentation.from_pretrained(name, **kwargs).eval()
+        return model, CLIPSegProcessor.from_pretrained(name, **kwargs)
+    except OSError as error:  # not cached while offline, no such repo, an incomplete folder, ...
+        raise OSError(f"{name}: could not load CLIPSeg: {error}") from error
