@@ -97,3 +97,38 @@ def demo(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
 
     result = run_demo(_settings(profile, set_), echo=typer.echo)
     typer.echo(result.summary())
+
+
+StageArgument = Annotated[str, typer.Argument(help="scan, resize, masks, captions, balance, manifest or latents.")]
+
+
+@app.command()
+def prepare(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
+    """Prepare the dataset: scan, resize, masks, captions, balancing, manifest, latent cache (each stage cached)."""
+    from likeness.flows.prepare import prepare as prepare_flow
+
+    results = _run_prepare(profile, lambda: prepare_flow(_settings(profile, set_)))
+    for result in results.values():
+        typer.echo(result.summary())
+
+
+@app.command()
+def stage(name: StageArgument, profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
+    """Run one prepare stage alone, on what the stages before it left in the workspace."""
+    from likeness.trainer.workspace import PREPARE_STAGES
+
+    if name not in PREPARE_STAGES:
+        _fail(f"unknown stage {name!r}: use one of {', '.join(PREPARE_STAGES)}")
+    from likeness.flows.prepare import prepare_stage
+
+    typer.echo(_run_prepare(profile, lambda: prepare_stage(_settings(profile, set_), name)).summary())
+
+
+def _run_prepare(profile: str, run):
+    """Run a prepare flow; a problem with the data or settings exits 2 with its message."""
+    from likeness.trainer.stages import PrepareError
+
+    try:
+        return run()
+    except PrepareError as exc:
+        _fail(str(exc).replace("<profile>", profile))

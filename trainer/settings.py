@@ -46,6 +46,7 @@ class RunSettings(Section):
     output_destination: Path | None = Field(None, description="Where the selected checkpoint is copied; default: workspace/output.")
     retries: int = Field(2, ge=0, le=20, description="Prefect retries of each stage after a transient failure.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="Delay between retries.")
+    workers: int = Field(0, ge=0, le=256, description="Threads for hashing, decoding and resizing images in the prepare stages; 0: one per CPU core.")
 
 
 class ModelSettings(Section):

@@ -1,0 +1,86 @@
+"""What the stage tasks share: a content cache policy, retries from settings, progress, and the
+call that runs a stage (re-running it when a cached result's files changed since).
+
+A stage's cache key comes from the plain `<stage>_key` function beside its work in `trainer/`: the
+hash of the upstream table (which lists content hashes), the stage's own settings, the models'
+content and a stage version; never mtimes or run ids. Results are persisted in
+`workspace/prefect/`, so a new process sees them and deleting the workspace clears them.
+
+    resized = run_stage(resize_images, settings, ws, scan=scan, resize=settings.resize)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import Task, get_run_logger
+from prefect.cache_policies import CachePolicy
+from tqdm.auto import tqdm
+
+from likeness.trainer.content import HashIndex
+from likeness.trainer.settings import Settings
+from likeness.trainer.stages import PrepareError, Progress, StageResult, outputs_intact
+from likeness.trainer.workspace import Workspace
+
+
+@dataclass
+class StagePolicy(CachePolicy):
+    """Cache key = `key_fn(**the task inputs it names)`: content, not argument strings."""
+
+    key_fn: Callable[..., str] | None = None
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        if self.key_fn is None:
+            return None
+        names = inspect.signature(self.key_fn).parameters
+        return self.key_fn(**{name: value for name, value in inputs.items() if name in names})
+
+
+def transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry unexpected failures, not problems with the data or settings (PrepareError)."""
+    try:
+        state.result()
+    except PrepareError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def workers(settings: Settings) -> int:
+    return settings.run.workers or os.cpu_count() or 1
+
+
+def progress(stage: str) -> Progress:
+    """A terminal progress bar (when stderr is a terminal) and a Prefect log line every 10 %."""
+    logger, bar, logged = get_run_logger(), tqdm(desc=stage, unit="img", disable=None), [-1]
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        tenth = done * 10 // max(total, 1)
+        if tenth > logged[0]:
+            logged[0] = tenth
+            logger.info("%s: %d / %d images", stage, done, total)
+        if done >= total:
+            bar.close()
+    return update
+
+
+def run_stage(stage_task: Task, settings: Settings, ws: Workspace, /, **inputs: Any) -> StageResult:
+    """Run one stage task with the run's retries; redo it if its cached outputs changed on disk."""
+    configured = stage_task.with_options(
+        retries=settings.run.retries, retry_delay_seconds=settings.run.retry_delay_seconds,
+        retry_condition_fn=transient, result_storage=ws.prefect_results)
+    state = configured(ws=ws, **inputs, return_state=True)
+    result: StageResult = state.result()
+    if state.name != "Cached":
+        return result
+    if outputs_intact(result, HashIndex(ws.hash_index)):
+        return result.as_cached()
+    get_run_logger().warning("%s: files written by the cached run changed or vanished; redoing them", result.stage)
+    return configured.with_options(refresh_cache=True)(ws=ws, **inputs)

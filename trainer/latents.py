@@ -1,0 +1,243 @@
+"""Stage 7, latent cache: VAE latents of every prepared image and frozen text-encoder outputs.
+
+Per image, `cache/latents/<key>.safetensors` holds
+    latent  (4, H/8, W/8) float32: the VAE's latent distribution *mode*, unscaled (multiply by
+            vae.config.scaling_factor at train time); the VAE runs in float32
+    mask    (1, H/8, W/8) float32 in 0..1: the mask downscaled 1/8 (bilinear, antialias);
+            absent when the image has no mask (= all ones)
+key = sha256(stage version, prepared image bytes hash, mask bytes hash, VAE weights hash, resolution).
+
+Per distinct caption, `cache/text/<key>.safetensors` holds the outputs of the text encoders that
+are frozen (`training.text_encoder(_2).train = false`; TE2 only by default):
+    text_encoder_hidden    (77, D1)  TE1 hidden_states[-(2 + clip_skip)] (penultimate by default)
+    text_encoder_2_hidden  (77, D2)  TE2 hidden_states[-(2 + clip_skip)]
+    text_encoder_2_pooled  (P,)      TE2's projected pooled output
+in the encoder's weight dtype, computed by `conditioning.encode_text` (the one copy training and
+sampling use); key = sha256(stage version, caption, each frozen encoder's weights + tokenizer hash,
+clip skip, dtype). Identical content shares one file.
+
+`workspace/latents.csv` maps the manifest to them, one row per (image, text variation):
+id, variation, caption, latent_path, text_path (empty when no encoder is frozen).
+
+    result = latents_stage(manifest_result, settings, ws, HashIndex(ws.hash_index))
+    latents, masks = load_latents(batch["latent_path"])      # for training: (B, 4, h, w), (B, 1, h, w)
+    cached = load_text_outputs(batch["text_path"])           # {"text_encoder_2": EncoderOutput, ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save
+
+from likeness.trainer.conditioning import EncoderOutput, encode_text
+from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
+from likeness.trainer.devices import resolve_device
+from likeness.trainer.files import write_atomic
+from likeness.trainer.manifest import read_manifest
+from likeness.trainer.settings import Settings
+from likeness.trainer.stages import Counts, ItemRecords, Progress, Row, StageResult, map_cached, write_table
+from likeness.trainer.workspace import Workspace
+
+LATENTS_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_COLUMNS = ["id", "variation", "caption", "latent_path", "text_path"]
+ENCODERS = {  # settings part -> (model subfolder, tokenizer subfolder, tensor name prefix)
+    "text_encoder": ("text_encoder", "tokenizer", "text_encoder"),
+    "text_encoder_2": ("text_encoder_2", "tokenizer_2", "text_encoder_2"),
+}
+
+
+def image_tensor(path: str | Path) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def mask_tensor(path: str | Path) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)[None]
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8): the latent distribution's mode, unscaled."""
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+
+
+def downscale_masks(masks: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H/8, W/8), bilinear with antialiasing (as OneTrainer)."""
+    size = (masks.shape[-2] // factor, masks.shape[-1] // factor)
+    return F.interpolate(masks, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def load_latents(paths: list[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latents (B, 4, H/8, W/8) and masks (B, 1, H/8, W/8), all ones where an image has none."""
+    entries = [load_file(str(p)) for p in paths]
+    latents = torch.stack([e["latent"] for e in entries])
+    masks = torch.stack([e.get("mask", torch.ones(1, *e["latent"].shape[-2:])) for e in entries])
+    return latents, masks
+
+
+def load_text_outputs(paths: list[str | Path]) -> dict[str, EncoderOutput]:
+    """Cached text-encoder outputs by part, batched, as `conditioning.encode_prompt(cached_*=...)` takes them."""
+    entries = [load_file(str(p)) for p in paths]
+    found = {}
+    for part in ENCODERS:
+        if f"{part}_hidden" in entries[0]:
+            pooled = [e[f"{part}_pooled"] for e in entries] if f"{part}_pooled" in entries[0] else None
+            found[part] = EncoderOutput(torch.stack([e[f"{part}_hidden"] for e in entries]),  # (B, 77, W)
+                                        None if pooled is None else torch.stack(pooled))  # (B, P)
+    return found
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoders:
+    vae: object | None = None
+    text: dict[str, tuple[object, object]] | None = None  # part -> (tokenizer, encoder)
+
+
+def frozen_encoders(settings: Settings) -> list[str]:
+    return [part for part in ENCODERS if not getattr(settings.training, part).train]
+
+
+def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: str) -> Encoders:
+    """Only the components needed (no UNet), from a diffusers folder / hub id or a single file."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from likeness.trainer.models import check_diffusers_sdxl_folder, is_single_file, load_sdxl_pipeline
+
+    base, resolved = settings.model.base_model, resolve_device(device)
+    dtypes = {part: DTYPES[getattr(settings.training, part).weight_dtype] for part in parts}
+    if is_single_file(base):  # components cannot be read alone from an original-layout file
+        pipe = load_sdxl_pipeline(base, config=settings.model.config, torch_dtype=torch.float32)
+        vae = pipe.vae if need_vae else None
+        text = {p: (getattr(pipe, ENCODERS[p][1]), getattr(pipe, p).to(dtypes[p])) for p in parts}
+    else:
+        if Path(base).is_dir():
+            check_diffusers_sdxl_folder(Path(base))
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32) if need_vae else None
+        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+        text = {p: (AutoTokenizer.from_pretrained(base, subfolder=ENCODERS[p][1]),
+                    classes[p].from_pretrained(base, subfolder=p, torch_dtype=dtypes[p])) for p in parts}
+    if vae is not None:
+        vae = vae.to(resolved).eval()  # loaded in float32
+    text = {p: (tok, enc.to(resolved).eval()) for p, (tok, enc) in text.items()}
+    return Encoders(vae, text)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def fingerprints(settings: Settings, index: HashIndex) -> dict:
+    """What the cache keys record of the model: the VAE's and each frozen encoder's content."""
+    base = settings.model.base_model
+    config = model_fingerprint(settings.model.config, index) if settings.model.config else None
+    text = {p: (model_fingerprint(base, index, ENCODERS[p][:2]), getattr(settings.training, p).clip_skip,
+                getattr(settings.training, p).weight_dtype) for p in frozen_encoders(settings)}
+    return {"vae": (model_fingerprint(base, index, ("vae",)), config), "text": (text, config),
+            "resolution": settings.resize.resolution}
+
+
+def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str:
+    index = HashIndex(ws.hash_index)
+    key = digest_parts("latents", LATENTS_VERSION, manifest.table_digest, fingerprints(settings, index), str(ws.root))
+    index.save()
+    return key
+
+
+def latents_stage(manifest: StageResult, settings: Settings, ws: Workspace, index: HashIndex,
+                  device: str = "auto", progress: Progress | None = None) -> StageResult:
+    """Encode what the cache lacks (models load only then); write `latents.csv` and the stage table."""
+    df = read_manifest(ws.manifest)
+    prints, parts = fingerprints(settings, index), frozen_encoders(settings)
+    rows = df.to_dict("records")
+    latent_rows, counts = _cache_images(rows, settings, prints, ws, index, device, progress)
+    captions = sorted({line for caption in df["caption"] for line in caption.split("\n")}) if parts else []
+    text_rows, text_counts = _cache_captions(captions, settings, parts, prints, ws, index, device)
+    text_files = {caption: row["text_file"] for caption, row in zip(captions, text_rows, strict=True)}
+    outputs = {str(ws.latents_index): _write_index(ws, index, rows, latent_rows, text_files)}
+    for row in latent_rows + text_rows:
+        outputs.update(row["outputs"])
+    result = write_table(ws, "latents", LATENTS_VERSION, [], counts, outputs=outputs,
+                         extra={"text_processed": text_counts.processed, "text_reused": text_counts.reused})
+    index.save()
+    return result
+
+
+def _cache_images(rows: list[Row], settings: Settings, prints: dict, ws: Workspace, index: HashIndex, device: str,
+                  progress: Progress | None) -> tuple[list[Row], Counts]:
+    vae = cache(lambda: load_encoders(settings, need_vae=True, parts=[], device=device).vae)
+
+    def key(row: Row) -> str:
+        return digest_parts(LATENTS_VERSION, row["prepared_hash"], row["mask_hash"], prints["vae"], prints["resolution"])
+
+    return map_cached(rows, key, lambda batch: _encode_images(batch, vae(), ws, index, key),
+                      ItemRecords(ws.item_records("latents"), index), settings.latents.batch_size, progress)
+
+
+def _cache_captions(captions: list[str], settings: Settings, parts: list[str], prints: dict, ws: Workspace,
+                    index: HashIndex, device: str) -> tuple[list[Row], Counts]:
+    # A second load for a single-file checkpoint (it is read whole); folders load each component alone.
+    encoders = cache(lambda: load_encoders(settings, need_vae=False, parts=parts, device=device).text)
+
+    def key(row: Row) -> str:
+        return digest_parts(LATENTS_VERSION, row["caption"], prints["text"])
+
+    return map_cached([{"caption": c} for c in captions], key,
+                      lambda batch: _encode_captions(batch, encoders(), settings, ws, index, key),
+                      ItemRecords(ws.item_records("text"), index), settings.latents.batch_size)
+
+
+def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], latent_rows: list[Row], text_files: dict[str, str]) -> str:
+    """`latents.csv`: one row per (image, text variation); returns the sha256 of the file."""
+    table = [{"id": row["id"], "variation": v, "caption": caption, "latent_path": latent["latent_file"],
+              "text_path": text_files.get(caption, "")}
+             for row, latent in zip(rows, latent_rows, strict=True) for v, caption in enumerate(row["caption"].split("\n"))]
+    data = pd.DataFrame(table, columns=INDEX_COLUMNS).to_csv(index=False, lineterminator="\n").encode("utf-8")
+    write_atomic(ws.latents_index, data)
+    index.remember(ws.latents_index, bytes_digest(data))
+    return bytes_digest(data)
+
+
+def _encode_images(batch: list[Row], vae, ws: Workspace, index: HashIndex, key) -> list[Row]:
+    latents = encode_images(vae, torch.stack([image_tensor(row["prepared_path"]) for row in batch]))
+    out = []
+    for row, latent in zip(batch, latents, strict=True):
+        tensors = {"latent": latent.contiguous()}
+        if row["mask_path"]:
+            tensors["mask"] = downscale_masks(mask_tensor(row["mask_path"])[None])[0].contiguous()
+        out.append(_write(ws.latent_cache / f"{key(row)}.safetensors", tensors, index, "latent_file"))
+    return out
+
+
+def _encode_captions(batch: list[Row], text: dict, settings: Settings, ws: Workspace, index: HashIndex, key) -> list[Row]:
+    captions = [row["caption"] for row in batch]
+    tensors: list[dict[str, torch.Tensor]] = [{} for _ in batch]
+    for part, (tokenizer, encoder) in text.items():
+        out = encode_text(encoder, tokenizer, captions, getattr(settings.training, part).clip_skip)
+        for i in range(len(batch)):
+            tensors[i][f"{part}_hidden"] = out.hidden[i].cpu().contiguous()  # (77, W)
+            if part == "text_encoder_2" and out.pooled is not None:
+                tensors[i][f"{part}_pooled"] = out.pooled[i].cpu().contiguous()  # (P,)
+    return [_write(ws.text_cache / f"{key(row)}.safetensors", t, index, "text_file")
+            for row, t in zip(batch, tensors, strict=True)]
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], index: HashIndex, name: str) -> Row:
+    data = save(tensors, metadata={"format": "pt", "likeness_version": str(LATENTS_VERSION)})
+    digest = bytes_digest(data)
+    write_atomic(path, data)
+    index.remember(path, digest)
+    return {name: str(path), "outputs": {str(path): digest}}
