@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from likeness.trainer.files import atomic_path
+from likeness.trainer.masks import segment
 from likeness.trainer.models import load_clipseg, load_sdxl_pipeline
+from likeness.trainer.sampling import generate
 from likeness.trainer.settings import Settings
 from likeness.trainer.tiny_models import TinyModels, save_tiny_models
 
@@ -62,37 +64,27 @@ def run_demo(settings: Settings, echo: Callable[[str], None] = print) -> DemoRes
         result.samples = [_save(image, out / f"sample-{i}.png") for i, image in enumerate(images)]
     with _timed(seconds, "segment"):
         echo(f"[3/3] segmenting {settings.masks.prompts} with CLIPSeg")
-        masks = segment(images, settings)
+        masks = segment_heads(images, settings)
         result.masks = [_save(mask, out / f"sample-{i}-masklabel.png") for i, mask in enumerate(masks)]
     return result
 
 
 def generate_samples(settings: Settings) -> list[Image.Image]:
+    """The sampling prompts through the same generation path training and evaluation use."""
     pipe = load_sdxl_pipeline(settings.model.base_model, config=settings.model.config)
-    resolution = settings.sampling.resolution or settings.resize.resolution
-    images = []
-    for prompt in settings.sampling.prompts:
-        output = pipe(
-            prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
-            num_inference_steps=settings.sampling.steps, guidance_scale=settings.sampling.cfg_scale,
-            height=resolution, width=resolution, generator=torch.Generator().manual_seed(prompt.seed),
-        )
-        images.append(output.images[0])
-    return images
+    prompts = settings.sampling.prompts
+    return generate(
+        pipe, [p.prompt for p in prompts], [p.negative_prompt for p in prompts], [p.seed for p in prompts],
+        steps=settings.sampling.steps, cfg=settings.sampling.cfg_scale, sampler=settings.sampling.sampler,
+        resolution=settings.sampling.resolution or settings.resize.resolution,
+    )
 
 
-@torch.no_grad()
-def segment(images: list[Image.Image], settings: Settings) -> list[Image.Image]:
-    """CLIPSeg probability of the mask prompts, averaged, thresholded at the image size."""
+def segment_heads(images: list[Image.Image], settings: Settings) -> list[Image.Image]:
+    """Head masks with the prepare stage's CLIPSeg algorithm (smooth, threshold, expand)."""
     model, processor = load_clipseg(settings.masks.model)
-    prompts = settings.masks.prompts
-    masks = []
-    for image in images:
-        inputs = processor(text=prompts, images=[image] * len(prompts), return_tensors="pt", padding=True)
-        probs = torch.sigmoid(model(**inputs).logits).reshape(len(prompts), 1, *inputs["pixel_values"].shape[-2:])
-        probs = torch.nn.functional.interpolate(probs.mean(0, keepdim=True), size=image.size[::-1], mode="bilinear")
-        masks.append(Image.fromarray(((probs[0, 0] > settings.masks.threshold).numpy() * 255).astype("uint8")))
-    return masks
+    masks = segment(images, model, processor, settings.masks, torch.device("cpu"))
+    return [Image.fromarray(mask) for mask in masks]
 
 
 def _save(image: Image.Image, path: Path) -> Path:
