@@ -361,6 +361,10 @@ class EvaluationSettings(GenerationSettings):
     metrics: list[Literal["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"]] = Field(
         ["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"],
     )
+    class_prior_images: int = Field(
+        8, ge=0, le=1000,
+        description="Regularization images held out of training (never trained on) to measure class-prior loss; 0: none.",
+    )
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "openai/clip-vit-large-patch14"
 
