@@ -3,8 +3,10 @@
 Sources (`concept.caption.source`): `text` one fixed caption (`ohwx man`); `text_file` the lines
 of a file; `per_image` the lines of `<stem>.txt` beside the original; `filename` the file stem;
 `captioner` an image-to-text model through transformers (BLIP by default,
-`settings.captioner.model`). One line is picked per text variation, seeded, as OneTrainer picks
-one per variation. The concept's `prefix` goes first: `ohwx man, a man with glasses`.
+`settings.captioner.model`; or Kosmos-2, see `likeness.trainer.kosmos2` and `captioner.kind`).
+One line is picked per text variation, seeded, as OneTrainer picks one per variation. The
+concept's `prefix` goes first: `ohwx man, a man with glasses`. With `caption.shuffle_tags` each
+variation's tags after the first `keep_tags` are shuffled, seeded.
 
 A missing or empty per-image caption is an error listing every such file, unless the concept's
 `on_missing` chooses the prefix alone or the file stem. Written as `<stem>.txt` beside the
@@ -25,9 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from likeness.trainer.augment import shuffle_tags, variation_rng
 from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.trainer.devices import resolve_device
 from likeness.trainer.files import write_atomic
+from likeness.trainer.kosmos2 import is_kosmos2, kosmos2_captions
 from likeness.trainer.settings import CaptionerSettings, Concept
 from likeness.trainer.stages import ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached, write_table
 from likeness.trainer.workspace import Workspace
@@ -86,17 +90,22 @@ def candidates(row: Row, concept: Concept) -> list[str] | None:
 
 @torch.no_grad()
 def generate_captions(images: list[Image.Image], model, processor, max_new_tokens: int, device: torch.device) -> list[str]:
-    """Image-to-text captions (BLIP and other transformers captioners), cleaned."""
+    """Image-to-text captions (BLIP and other transformers captioners, Kosmos-2), cleaned."""
+    if is_kosmos2(model):
+        return [clean_generated(text) for text in kosmos2_captions(images, model, processor, max_new_tokens, device)]
     inputs = processor(images=images, return_tensors="pt").to(device)
     ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return [clean_generated(text) for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-def load_captioner(name: str, device: str) -> tuple[object, object, torch.device]:
+def load_captioner(name: str, device: str, kind: str = "auto") -> tuple[object, object, torch.device]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     resolved = resolve_device(device)
     model = AutoModelForImageTextToText.from_pretrained(name).eval().to(resolved)
+    if kind != "auto" and (kind == "kosmos2") != is_kosmos2(model):
+        raise ValueError(f"captioner.kind is {kind!r} but {name} is a {model.config.model_type} model: "
+                         f"set captioner.kind = 'auto' or pick a matching captioner.model")
     return model, AutoProcessor.from_pretrained(name), resolved
 
 
@@ -110,7 +119,8 @@ def _uses_captioner(concepts: list[Concept]) -> bool:
 def _captioner_settings(captioner: CaptionerSettings, concepts: list[Concept], index: HashIndex) -> dict:
     if not _uses_captioner(concepts):
         return {}
-    return {"model": model_fingerprint(captioner.model, index), "max_new_tokens": captioner.max_new_tokens}
+    return {"model": model_fingerprint(captioner.model, index), "max_new_tokens": captioner.max_new_tokens,
+            "kind": captioner.kind}
 
 
 def captions_key(resize: StageResult, concepts: list[Concept], captioner: CaptionerSettings, seed: int, ws: Workspace) -> str:
@@ -138,7 +148,7 @@ def captions_stage(resize: StageResult, concepts: list[Concept], captioner: Capt
         return digest_parts(CAPTIONS_VERSION, row["id"], concept.caption.model_dump(mode="json"), concept.text_variations,
                             seed, depends.get(concept.caption.source), str(ws.root))
 
-    model = cache(lambda: load_captioner(captioner.model, device))
+    model = cache(lambda: load_captioner(captioner.model, device, captioner.kind))
 
     def compute(batch: list[Row]) -> list[Row]:
         generated = _generate(batch, by_name, model, captioner.max_new_tokens)
@@ -179,6 +189,9 @@ def _write(row: Row, concept: Concept, generated: str | None, seed: int, ws: Wor
     lines = [generated] if generated is not None else candidates(row, concept) or [""]
     captions = [with_prefix(concept.caption.prefix, c)
                 for c in pick_variations(lines, concept.text_variations, f"{seed}:{row['id']}")]
+    if concept.caption.shuffle_tags:  # once per text variation, seeded: cacheable, see trainer/augment.py
+        captions = [shuffle_tags(c, concept.caption.tag_delimiter, concept.caption.keep_tags,
+                                 variation_rng(seed, row["id"], v, "tags")) for v, c in enumerate(captions)]
     target = ws.prepared_caption(row["concept"], row["stem"])
     data = ("\n".join(captions) + "\n").encode("utf-8")
     write_atomic(target, data)

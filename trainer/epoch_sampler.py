@@ -8,6 +8,11 @@ of (seed, epoch), so a resumed run sees the same order; they are cut into batche
 that do not fill a batch (on every process) are dropped. Validation and disabled concepts give
 nothing.
 
+With `group_of` (aspect-ratio buckets: sample -> bucket key) a batch never mixes groups: the
+shuffled samples are split by group, each group cut into batches, its leftovers dropped, and the
+batches of all groups shuffled together (seeded by (seed, epoch)). Samples per epoch stay the
+OneTrainer counts; the batch count can then change from epoch to epoch (`batches_in_epoch`).
+
     concepts = [ConceptItems("person", person_ids, 1.0), ConceptItems("reg", reg_ids, 0.0072)]
     sampler = EpochSampler(concepts, batch_size=1, seed=42)
     while sampler.position.epoch < epochs:
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -108,6 +113,7 @@ class EpochSampler:
         world_size: int = 1,
         rank: int = 0,
         gradient_accumulation_steps: int = 1,
+        group_of: Callable[[Sample], str] | None = None,
     ) -> None:
         if batch_size < 1 or world_size < 1 or gradient_accumulation_steps < 1:
             raise ValueError("batch_size, world_size and gradient_accumulation_steps must be >= 1")
@@ -119,6 +125,8 @@ class EpochSampler:
         self.concepts = list(concepts)
         self.batch_size, self.seed = batch_size, seed
         self.world_size, self.rank = world_size, rank
+        self.group_of, self.accumulation = group_of, gradient_accumulation_steps
+        # Without groups, every epoch's batch count; with groups, an upper bound (batches_in_epoch is exact).
         self.num_batches = batches_per_epoch(self.concepts, batch_size, world_size, gradient_accumulation_steps)
         if self.num_batches == 0:
             samples = sum(c.samples_per_epoch for c in self.concepts)
@@ -137,17 +145,32 @@ class EpochSampler:
         """This process's batches of `epoch`: global batch i is samples [i*B*W, (i+1)*B*W), rank r its r-th slice."""
         samples = epoch_samples(self.concepts, epoch, self.seed)
         b, w = self.batch_size, self.world_size
+        if self.group_of is not None:
+            return [batch[self.rank * b:(self.rank + 1) * b] for batch in self._grouped(samples, epoch)]
         return [samples[(i * w + self.rank) * b:(i * w + self.rank + 1) * b] for i in range(self.num_batches)]
+
+    def _grouped(self, samples: list[Sample], epoch: int) -> list[list[Sample]]:
+        """Global batches (B x W samples) of one group each, leftovers per group dropped, order shuffled."""
+        groups: dict[str, list[Sample]] = {}
+        for sample in samples:
+            groups.setdefault(self.group_of(sample), []).append(sample)
+        size = self.batch_size * self.world_size
+        batches = [group[i:i + size] for group in groups.values() for i in range(0, len(group) - size + 1, size)]
+        random.Random(f"likeness-groups:{self.seed}:{epoch}").shuffle(batches)
+        return batches[:len(batches) - len(batches) % self.accumulation]  # whole optimizer steps only
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return self.num_batches if self.group_of is None else len(self.batches(epoch))
 
     def __iter__(self) -> Iterator[list[Sample]]:
         """The rest of the current epoch; `position` always names the next batch to train on."""
         epoch, start = self.position
         batches = self.batches(epoch)
-        for index in range(start, self.num_batches):
+        for index in range(start, len(batches)):
             # Advance before yielding, so a backup taken while this batch trains resumes after it.
-            self.position = Position(epoch, index + 1) if index + 1 < self.num_batches else Position(epoch + 1, 0)
+            self.position = Position(epoch, index + 1) if index + 1 < len(batches) else Position(epoch + 1, 0)
             yield batches[index]
-        if start >= self.num_batches:
+        if start >= len(batches):
             self.position = Position(epoch + 1, 0)
 
     def state_dict(self) -> dict[str, int]:
@@ -155,6 +178,7 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch <= self.num_batches:
-            raise ValueError(f"sampler position {state} is outside an epoch of {self.num_batches} batches")
+        count = self.batches_in_epoch(epoch) if epoch >= 0 else 0
+        if epoch < 0 or not 0 <= batch <= count:
+            raise ValueError(f"sampler position {state} is outside an epoch of {count} batches")
         self.position = Position(epoch, batch)

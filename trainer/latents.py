@@ -1,11 +1,15 @@
 """Stage 7, latent cache: VAE latents of every prepared image and frozen text-encoder outputs.
 
-Per image, `cache/latents/<key>.safetensors` holds
+Per image variation (`concept.image_variations`, 1 by default), `cache/latents/<key>.safetensors` holds
     latent  (4, H/8, W/8) float32: the VAE's latent distribution *mode*, unscaled (multiply by
             vae.config.scaling_factor at train time); the VAE runs in float32
     mask    (1, H/8, W/8) float32 in 0..1: the mask downscaled 1/8 (bilinear, antialias);
             absent when the image has no mask (= all ones)
-key = sha256(stage version, prepared image bytes hash, mask bytes hash, VAE weights hash, resolution).
+key = sha256(stage version, prepared image bytes hash, mask bytes hash, VAE weights hash, training size,
+and only when the concept has augmentations: their settings, the fill colour, and when they draw
+at random (seed, image id, variation)). A variation is the prepared image cropped to its training
+size (bucket mode: centred, or jittered) and augmented (trainer/augment.py); without random
+augmentations every variation is the same file, encoded once.
 
 Per distinct caption, `cache/text/<key>.safetensors` holds the outputs of the text encoders that
 are frozen (`training.text_encoder(_2).train = false`; TE2 only by default):
@@ -16,16 +20,23 @@ in the encoder's weight dtype, computed by `conditioning.encode_text` (the one c
 sampling use); key = sha256(stage version, caption, each frozen encoder's weights + tokenizer hash,
 clip skip, dtype). Identical content shares one file.
 
-`workspace/latents.csv` maps the manifest to them, one row per (image, text variation):
-id, variation, caption, latent_path, text_path (empty when no encoder is frozen).
+`workspace/latents.csv` maps the manifest to them, one row per (image, image variation, text variation):
+id, variation (the text variation), caption, latent_path, text_path (empty when no encoder is
+frozen), image_variation, bucket (`WxH`), and SDXL's time ids: original_height/width (the photo),
+crop_top/left (bucket mode: this variation's crop in the scaled image; pad mode: the manifest's
+paste offset), target_height/width (the training size). Epoch e trains on image variation
+e % image_variations and text variation e % text_variations (`epoch_rows`).
 
     result = latents_stage(manifest_result, settings, ws, HashIndex(ws.hash_index))
     latents, masks = load_latents(batch["latent_path"])      # for training: (B, 4, h, w), (B, 1, h, w)
     cached = load_text_outputs(batch["text_path"])           # {"text_encoder_2": EncoderOutput, ...}
+    rows = epoch_rows(read_latents_index(ws.latents_index), epoch)  # one row per id for this epoch
+    add_time_ids = index_time_ids(rows.loc[ids])                     # (B, 6)
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,36 +45,42 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageColor
 from safetensors.torch import load_file, save
 
-from likeness.trainer.conditioning import EncoderOutput, encode_text
+from likeness.trainer.augment import Augmented, augment, is_active, is_random, variation_rng
+from likeness.trainer.buckets import Bucket
+from likeness.trainer.conditioning import EncoderOutput, encode_text, time_ids
 from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.trainer.devices import resolve_device
 from likeness.trainer.files import write_atomic
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.settings import Settings
+from likeness.trainer.manifest import bucket_of, read_manifest
+from likeness.trainer.settings import ImageAugmentations, Settings
 from likeness.trainer.stages import Counts, ItemRecords, Progress, Row, StageResult, map_cached, write_table
 from likeness.trainer.workspace import Workspace
 
-LATENTS_VERSION = 1
+LATENTS_VERSION = 2  # 2: image variations, bucket crops, time-id columns
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INDEX_COLUMNS = ["id", "variation", "caption", "latent_path", "text_path"]
+INDEX_COLUMNS = ["id", "variation", "caption", "latent_path", "text_path", "image_variation", "bucket",
+                 "original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
+TIME_ID_COLUMNS = ["original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
 ENCODERS = {  # settings part -> (model subfolder, tokenizer subfolder, tensor name prefix)
     "text_encoder": ("text_encoder", "tokenizer", "text_encoder"),
     "text_encoder_2": ("text_encoder_2", "tokenizer_2", "text_encoder_2"),
 }
 
 
-def image_tensor(path: str | Path) -> torch.Tensor:
-    """(3, H, W) float32 in [-1, 1]."""
-    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+def image_tensor(image: str | Path | Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1], from a file or an image."""
+    image = image if isinstance(image, Image.Image) else Image.open(image)
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def mask_tensor(path: str | Path) -> torch.Tensor:
-    """(1, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)[None]
+def mask_tensor(mask: str | Path | Image.Image) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1], from a file or an image."""
+    mask = mask if isinstance(mask, Image.Image) else Image.open(mask)
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
 
 
 @torch.no_grad()
@@ -96,6 +113,30 @@ def load_text_outputs(paths: list[str | Path]) -> dict[str, EncoderOutput]:
             found[part] = EncoderOutput(torch.stack([e[f"{part}_hidden"] for e in entries]),  # (B, 77, W)
                                         None if pooled is None else torch.stack(pooled))  # (B, P)
     return found
+
+
+def read_latents_index(path: str | Path) -> pd.DataFrame:
+    """`latents.csv` as written by the stage (captions and paths as text, empty text_path = none)."""
+    df = pd.read_csv(path, keep_default_na=False, dtype={"id": str, "caption": str, "text_path": str, "bucket": str})
+    missing = sorted(set(INDEX_COLUMNS) - set(df.columns))
+    if missing:
+        raise ValueError(f"{path}: columns {missing} missing (written by an older version); run the latents stage again")
+    return df
+
+
+def epoch_rows(index: pd.DataFrame, epoch: int) -> pd.DataFrame:
+    """One row per id for `epoch`: image variation epoch % its image variations, text variation
+    epoch % its text variations (OneTrainer's cycling); indexed by id."""
+    by_id = index.groupby("id")
+    image = epoch % (by_id["image_variation"].transform("max") + 1)
+    text = epoch % (by_id["variation"].transform("max") + 1)
+    return index[(index["image_variation"] == image) & (index["variation"] == text)].set_index("id", drop=False)
+
+
+def index_time_ids(rows: pd.DataFrame, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 6) SDXL time ids of latents.csv rows: original (h, w), crop (top, left), target (h, w)."""
+    sizes = torch.as_tensor(rows[TIME_ID_COLUMNS].to_numpy(dtype=np.int64))  # (B, 6)
+    return time_ids(sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6], dtype=dtype)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -152,7 +193,8 @@ def fingerprints(settings: Settings, index: HashIndex) -> dict:
 
 def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str:
     index = HashIndex(ws.hash_index)
-    key = digest_parts("latents", LATENTS_VERSION, manifest.table_digest, fingerprints(settings, index), str(ws.root))
+    key = digest_parts("latents", LATENTS_VERSION, manifest.table_digest, fingerprints(settings, index),
+                       variation_plan(settings), settings.resize.mode, str(ws.root))
     index.save()
     return key
 
@@ -163,11 +205,13 @@ def latents_stage(manifest: StageResult, settings: Settings, ws: Workspace, inde
     df = read_manifest(ws.manifest)
     prints, parts = fingerprints(settings, index), frozen_encoders(settings)
     rows = df.to_dict("records")
-    latent_rows, counts = _cache_images(rows, settings, prints, ws, index, device, progress)
+    items = image_variations(rows, settings)
+    latent_rows, counts = _cache_images(items, settings, prints, ws, index, device, progress)
     captions = sorted({line for caption in df["caption"] for line in caption.split("\n")}) if parts else []
     text_rows, text_counts = _cache_captions(captions, settings, parts, prints, ws, index, device)
     text_files = {caption: row["text_file"] for caption, row in zip(captions, text_rows, strict=True)}
-    outputs = {str(ws.latents_index): _write_index(ws, index, rows, latent_rows, text_files)}
+    outputs = {str(ws.latents_index): _write_index(ws, index, rows, items, latent_rows, text_files,
+                                                   pad=settings.resize.mode == "pad")}
     for row in latent_rows + text_rows:
         outputs.update(row["outputs"])
     result = write_table(ws, "latents", LATENTS_VERSION, [], counts, outputs=outputs,
@@ -176,15 +220,47 @@ def latents_stage(manifest: StageResult, settings: Settings, ws: Workspace, inde
     return result
 
 
-def _cache_images(rows: list[Row], settings: Settings, prints: dict, ws: Workspace, index: HashIndex, device: str,
+def variation_plan(settings: Settings) -> dict:
+    """Per concept, what its image variations depend on beyond the images: count, augmentations, seed."""
+    return {c.name: (c.image_variations, _augmentation_key(c.augmentations, settings)) for c in settings.concepts}
+
+
+def _augmentation_key(aug: ImageAugmentations, settings: Settings) -> tuple | None:
+    if not is_active(aug):
+        return None
+    return aug.model_dump(mode="json"), settings.resize.background, settings.run.seed if is_random(aug) else None
+
+
+def image_variations(rows: list[Row], settings: Settings) -> list[Row]:
+    """One item per (manifest row, image variation), with its training size and augmentations."""
+    concepts = {c.name: c for c in settings.concepts}
+    items = []
+    for row in rows:
+        concept = concepts.get(row["concept"])
+        aug = concept.augmentations if concept else ImageAugmentations()
+        for variation in range(concept.image_variations if concept else 1):
+            items.append({**row, "image_variation": variation, "target": bucket_of(row), "augmentations": aug})
+    return items
+
+
+def _cache_images(items: list[Row], settings: Settings, prints: dict, ws: Workspace, index: HashIndex, device: str,
                   progress: Progress | None) -> tuple[list[Row], Counts]:
+    """Latent rows for `items`, in order; identical keys (variations without randomness) are encoded once."""
     vae = cache(lambda: load_encoders(settings, need_vae=True, parts=[], device=device).vae)
-
-    def key(row: Row) -> str:
-        return digest_parts(LATENTS_VERSION, row["prepared_hash"], row["mask_hash"], prints["vae"], prints["resolution"])
-
-    return map_cached(rows, key, lambda batch: _encode_images(batch, vae(), ws, index, key),
-                      ItemRecords(ws.item_records("latents"), index), settings.latents.batch_size, progress)
+    unique: dict[str, Row] = {}
+    for item in items:
+        aug = _augmentation_key(item["augmentations"], settings)
+        random_draw = (item["id"], item["image_variation"]) if is_random(item["augmentations"]) else None
+        item["key"] = digest_parts(LATENTS_VERSION, item["prepared_hash"], item["mask_hash"], prints["vae"],
+                                   item["target"], aug, random_draw)
+        unique.setdefault(item["key"], item)
+    # Grouped by training size, so a VAE batch mostly holds one size.
+    todo = sorted(unique.values(), key=lambda item: item["target"])
+    done, counts = map_cached(todo, lambda item: item["key"],
+                              lambda batch: _encode_images(batch, vae(), settings, ws, index),
+                              ItemRecords(ws.item_records("latents"), index), settings.latents.batch_size, progress)
+    by_key = {item["key"]: row for item, row in zip(todo, done, strict=True)}
+    return [by_key[item["key"]] for item in items], counts
 
 
 def _cache_captions(captions: list[str], settings: Settings, parts: list[str], prints: dict, ws: Workspace,
@@ -200,25 +276,54 @@ def _cache_captions(captions: list[str], settings: Settings, parts: list[str], p
                       ItemRecords(ws.item_records("text"), index), settings.latents.batch_size)
 
 
-def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], latent_rows: list[Row], text_files: dict[str, str]) -> str:
-    """`latents.csv`: one row per (image, text variation); returns the sha256 of the file."""
-    table = [{"id": row["id"], "variation": v, "caption": caption, "latent_path": latent["latent_file"],
-              "text_path": text_files.get(caption, "")}
-             for row, latent in zip(rows, latent_rows, strict=True) for v, caption in enumerate(row["caption"].split("\n"))]
+def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], items: list[Row], latent_rows: list[Row],
+                 text_files: dict[str, str], pad: bool) -> str:
+    """`latents.csv`: one row per (image, image variation, text variation); returns the sha256 of the file."""
+    latents_by_id = defaultdict(list)
+    for item, latent in zip(items, latent_rows, strict=True):
+        latents_by_id[item["id"]].append((item["image_variation"], latent))
+    table = []
+    for row in rows:
+        target = Bucket.parse(bucket_of(row))
+        for image_variation, latent in sorted(latents_by_id[row["id"]], key=lambda pair: pair[0]):
+            crop = (row["offset_top"], row["offset_left"]) if pad else (latent["crop_top"], latent["crop_left"])
+            sizes = [row["original_height"], row["original_width"], *crop, target.height, target.width]
+            table += [{"id": row["id"], "variation": v, "caption": caption, "latent_path": latent["latent_file"],
+                       "text_path": text_files.get(caption, ""), "image_variation": image_variation,
+                       "bucket": target.key, **dict(zip(TIME_ID_COLUMNS, map(int, sizes), strict=True))}
+                      for v, caption in enumerate(row["caption"].split("\n"))]
     data = pd.DataFrame(table, columns=INDEX_COLUMNS).to_csv(index=False, lineterminator="\n").encode("utf-8")
     write_atomic(ws.latents_index, data)
     index.remember(ws.latents_index, bytes_digest(data))
     return bytes_digest(data)
 
 
-def _encode_images(batch: list[Row], vae, ws: Workspace, index: HashIndex, key) -> list[Row]:
-    latents = encode_images(vae, torch.stack([image_tensor(row["prepared_path"]) for row in batch]))
+def make_variation(item: Row, seed: int, fill: tuple[int, int, int] = (255, 255, 255)) -> Augmented:
+    """The pixels of one image variation: the prepared image (and mask) cropped to size and augmented."""
+    image = Image.open(item["prepared_path"]).convert("RGB")
+    mask = Image.open(item["mask_path"]).convert("L") if item["mask_path"] else None
+    rng = variation_rng(seed, item["id"], item["image_variation"])
+    return augment(image, mask, item["augmentations"], Bucket.parse(item["target"]), rng, fill)
+
+
+def _encode_images(batch: list[Row], vae, settings: Settings, ws: Workspace, index: HashIndex) -> list[Row]:
+    fill = ImageColor.getrgb(settings.resize.background)[:3]
+    variations = [make_variation(item, settings.run.seed, fill) for item in batch]
+    by_size = defaultdict(list)
+    for i, variation in enumerate(variations):
+        by_size[variation.image.size].append(i)
+    latents: list[torch.Tensor | None] = [None] * len(batch)
+    for members in by_size.values():  # the VAE takes one size per call
+        encoded = encode_images(vae, torch.stack([image_tensor(variations[i].image) for i in members]))
+        for i, latent in zip(members, encoded, strict=True):
+            latents[i] = latent  # (4, H/8, W/8)
     out = []
-    for row, latent in zip(batch, latents, strict=True):
+    for item, variation, latent in zip(batch, variations, latents, strict=True):
         tensors = {"latent": latent.contiguous()}
-        if row["mask_path"]:
-            tensors["mask"] = downscale_masks(mask_tensor(row["mask_path"])[None])[0].contiguous()
-        out.append(_write(ws.latent_cache / f"{key(row)}.safetensors", tensors, index, "latent_file"))
+        if variation.mask is not None:
+            tensors["mask"] = downscale_masks(mask_tensor(variation.mask)[None])[0].contiguous()
+        row = _write(ws.latent_cache / f"{item['key']}.safetensors", tensors, index, "latent_file")
+        out.append({**row, "crop_left": variation.crop_left, "crop_top": variation.crop_top})
     return out
 
 

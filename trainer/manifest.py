@@ -12,9 +12,10 @@ schema `ManifestSchema` on write and on read:
 | mask_path, mask_hash | its `-masklabel.png` (L, same size as the image), or empty |
 | caption | the caption of each text variation, separated by a newline (one line usually) |
 | caption_path | the `<stem>.txt` beside the prepared image |
-| width, height | the prepared image's size (= resolution) |
+| width, height | the training size, SDXL's target size (pad: resolution; bucket: the bucket) |
+| bucket | the training size `WxH` (pad: `TxT`); empty in tables written before buckets = width x height |
 | original_width, original_height | the photo's size after EXIF rotation (SDXL `original_size`) |
-| scaled_width, scaled_height, offset_left, offset_top | where the scaled photo sits on the canvas |
+| scaled_width, scaled_height, offset_left, offset_top | pad: where the scaled photo sits on the canvas; bucket: the prepared image's size (scaled to cover the bucket, uncropped) and the centred crop's offset in it |
 | balancing, balancing_strategy | resolved (no `auto`) > 0; REPEATS or SAMPLES |
 | loss_weight | multiplies the concept's loss (>= 0) |
 | validation | a validation concept's image: measured, never trained on |
@@ -38,9 +39,9 @@ from likeness.trainer.settings import Concept
 from likeness.trainer.stages import Counts, PrepareError, StageResult, load_rows, write_table
 from likeness.trainer.workspace import Workspace
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: bucket column
 HEX64 = r"^[0-9a-f]{64}$"
-OPTIONAL = ("mask_path", "mask_hash")
+OPTIONAL = ("mask_path", "mask_hash", "bucket")
 
 
 class ManifestError(PrepareError):
@@ -61,6 +62,7 @@ class ManifestSchema(pa.DataFrameModel):
     caption_path: Series[str]
     width: Series[int] = pa.Field(gt=0)
     height: Series[int] = pa.Field(gt=0)
+    bucket: Series[str] = pa.Field(nullable=True, str_matches=r"^[1-9][0-9]*x[1-9][0-9]*$")
     original_width: Series[int] = pa.Field(gt=0)
     original_height: Series[int] = pa.Field(gt=0)
     scaled_width: Series[int] = pa.Field(gt=0)
@@ -92,6 +94,11 @@ class ManifestSchema(pa.DataFrameModel):
     @pa.dataframe_check(name="mask_size_equals_image_size (mask_path)")
     def _mask_size(cls, df: pd.DataFrame) -> Series[bool]:
         return df.apply(lambda row: _same_size(row["prepared_path"], row["mask_path"]), axis=1)
+
+
+def bucket_of(row) -> str:
+    """A manifest row's training size `WxH` (its own size where the bucket is empty)."""
+    return row["bucket"] if isinstance(row["bucket"], str) and row["bucket"] else f"{row['width']}x{row['height']}"
 
 
 def _same_size(image: str, mask: str | None) -> bool:
@@ -181,7 +188,8 @@ def build_manifest(resize: StageResult, masks: StageResult, captions: StageResul
             "id": key, "concept": concept.name, "role": concept.role, "source_path": row["source"],
             "source_hash": row["source_hash"], "prepared_path": row["prepared"], "prepared_hash": row["prepared_hash"],
             "mask_path": mask["mask"], "mask_hash": mask["mask_hash"], "caption": "\n".join(caption["captions"]),
-            "caption_path": caption["caption_file"], "width": row["resolution"], "height": row["resolution"],
+            "caption_path": caption["caption_file"], "width": row.get("width", row["resolution"]),
+            "height": row.get("height", row["resolution"]), "bucket": row.get("bucket"),
             "original_width": row["original_width"], "original_height": row["original_height"],
             "scaled_width": row["scaled_width"], "scaled_height": row["scaled_height"],
             "offset_left": row["offset_left"], "offset_top": row["offset_top"], "balancing": plan["balancing"],
@@ -211,7 +219,7 @@ def _changed_rows(previous: Path, df: pd.DataFrame) -> Counts:
         old = read_manifest(previous)
     except ManifestError:
         return Counts(processed=len(df))
-    key = ["id", "prepared_hash", "mask_hash", "caption", "balancing", "loss_weight", "validation"]
+    key = ["id", "prepared_hash", "mask_hash", "caption", "bucket", "balancing", "loss_weight", "validation"]
     before = set(old[key].astype(str).itertuples(index=False))
     same = sum(row in before for row in df[key].astype(str).itertuples(index=False))
     return Counts(processed=len(df) - same, reused=same)

@@ -65,10 +65,10 @@ def refine(probs: torch.Tensor, size: tuple[int, int], settings: MaskSettings) -
 
 def segment(images: list[Image.Image], model, processor, settings: MaskSettings,
                   device: torch.device) -> list[np.ndarray]:
-    """uint8 (H, W) masks, one per image (all images of one size, as prepared images are)."""
-    probs = clipseg_probabilities(model, processor, images, list(settings.prompts), device)
-    masks = refine(probs, images[0].size[::-1], settings)  # (B, 1, H, W)
-    return [np.round(m[0].numpy() * 255).astype(np.uint8) for m in masks]
+    """uint8 (H, W) masks, one per image, each at its image's size (bucketed images differ)."""
+    probs = clipseg_probabilities(model, processor, images, list(settings.prompts), device)  # (B, 1, h, w)
+    masks = [refine(p[None], image.size[::-1], settings)[0, 0] for p, image in zip(probs, images, strict=True)]
+    return [np.round(m.numpy() * 255).astype(np.uint8) for m in masks]
 
 
 def coverage(mask: np.ndarray) -> float:

@@ -7,13 +7,19 @@ applied and every colour mode becomes RGB (transparency composited on the backgr
 scaled to 8-bit, CMYK / P / LA / 1 / greyscale converted). JPEGs are decoded at 1/2, 1/4 or 1/8
 scale in the DCT domain when the target allows (`Image.draft`), then resampled with Lanczos.
 
+With `resize.mode = "bucket"` an image is instead scaled (Lanczos) to cover its aspect-ratio bucket
+(trainer/buckets.py) and kept uncropped, so the latent stage can crop it per variation (centred,
+or jittered); the row records the bucket and the centred crop's offset.
+
 Outputs go to `workspace/prepared/<concept>/<stem>.png` (lossless; never in place). An image
 already T x T, RGB, unrotated PNG/JPEG/WebP is copied byte for byte instead (no re-encoding),
 keeping its extension. A mask the user drew beside the image is fit and padded (black) the same
 way into `workspace/prepare/user-masks/`.
 
-Table rows add: prepared, prepared_hash, resolution, original_width/height (after orientation),
-scaled_width/height, offset_left/top (the paste offset, SDXL conditioning), user_mask(_hash).
+Table rows add: prepared, prepared_hash, resolution, width/height and bucket (`WxH`): the training
+size (T x T when padding; the prepared image itself is scaled_width x scaled_height in bucket mode), original_width/height (after orientation),
+scaled_width/height, offset_left/top (pad: the paste offset; bucket: the centred crop's offset),
+user_mask(_hash).
 
     result = resize_stage(scan_result, settings.resize, ws, HashIndex(ws.hash_index))
 """
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
+from likeness.trainer.buckets import assign
 from likeness.trainer.content import HashIndex, bytes_digest, digest_parts
 from likeness.trainer.dataset import ROTATING_ORIENTATIONS
 from likeness.trainer.files import atomic_path, write_atomic
@@ -38,7 +45,7 @@ from likeness.trainer.stages import (ItemRecords, PrepareError, Progress, Row, S
                                      write_table)
 from likeness.trainer.workspace import Workspace
 
-RESIZE_VERSION = 1
+RESIZE_VERSION = 2  # 2: bucket mode, width/height/bucket in the rows
 PNG_COMPRESS_LEVEL = 1  # lossless either way; at 1024 px level 1 takes ~0.1 s, level 6 ~0.4 s, for ~15% more bytes
 COPYABLE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",)}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -95,13 +102,17 @@ def load_oriented(path: Path, placement_size: tuple[int, int] | None = None) -> 
         return ImageOps.exif_transpose(image)
 
 
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header."""
+    with Image.open(path) as probe:
+        w, h = probe.size
+        return (h, w) if probe.getexif().get(0x0112, 1) in ROTATING_ORIENTATIONS else (w, h)
+
+
 def prepare_image(path: Path, target: int, background: str = "white") -> tuple[Image.Image, tuple[int, int], Placement]:
     """The prepared RGB image, the original (oriented) size and where it was pasted."""
     color = ImageColor.getrgb(background)[:3]
-    with Image.open(path) as probe:
-        w, h = probe.size
-        if probe.getexif().get(0x0112, 1) in ROTATING_ORIENTATIONS:
-            w, h = h, w
+    w, h = oriented_size(path)
     placement = fit_inside(w, h, target)
     image = to_rgb(load_oriented(path, (placement.width, placement.height)), color)
     if image.size != (placement.width, placement.height):
@@ -111,11 +122,29 @@ def prepare_image(path: Path, target: int, background: str = "white") -> tuple[I
     return canvas, (w, h), placement
 
 
-def fit_mask(path: Path, placement: Placement) -> Image.Image:
-    """A user's mask resized like its image and padded with 0 (nothing outside the photo)."""
+def prepare_cover(path: Path, resolution: int, quantization: int = 64,
+                  background: str = "white") -> tuple[Image.Image, tuple[int, int], Row]:
+    """Bucket mode: the RGB image scaled to cover its bucket (uncropped), its original size, its geometry."""
+    w, h = oriented_size(path)
+    bucket, cover, (left, top) = assign(w, h, resolution, quantization)
+    image = to_rgb(load_oriented(path, cover), ImageColor.getrgb(background)[:3])
+    if image.size != cover:
+        image = image.resize(cover, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    geometry = {"width": bucket.width, "height": bucket.height, "bucket": bucket.key, "scaled_width": cover[0],
+                "scaled_height": cover[1], "offset_left": left, "offset_top": top}
+    return image, (w, h), geometry
+
+
+def scale_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A user's mask as L, resized (bilinear) to `size`."""
     mask = load_oriented(path)
     mask = mask.convert("L") if mask.mode not in SIXTEEN_BIT_MODES else to_rgb(mask).convert("L")
-    mask = mask.resize((placement.width, placement.height), Image.Resampling.BILINEAR)
+    return mask.resize(size, Image.Resampling.BILINEAR)
+
+
+def fit_mask(path: Path, placement: Placement) -> Image.Image:
+    """A user's mask resized like its image and padded with 0 (nothing outside the photo)."""
+    mask = scale_mask(path, (placement.width, placement.height))
     canvas = Image.new("L", (placement.target, placement.target), 0)
     canvas.paste(mask, (placement.left, placement.top))
     return canvas
@@ -143,7 +172,8 @@ def copyable(path: Path, target: int) -> bool:
 
 def item_settings(settings: ResizeSettings) -> dict:
     """The settings that change a prepared image (min_side only warns)."""
-    return settings.model_dump(mode="json", include={"resolution", "background", "image_format"})
+    return settings.model_dump(mode="json", include={"resolution", "background", "image_format", "mode",
+                                                     "bucket_quantization"})
 
 
 def resize_key(scan: StageResult, resize: ResizeSettings, ws: Workspace) -> str:
@@ -151,6 +181,8 @@ def resize_key(scan: StageResult, resize: ResizeSettings, ws: Workspace) -> str:
 
 
 def resize_one(row: Row, settings: ResizeSettings, ws: Workspace, index: HashIndex) -> Row:
+    if settings.mode == "bucket":
+        return _resize_to_bucket(row, settings, ws, index)
     source, target = Path(row["source"]), settings.resolution
     if copyable(source, target):
         prepared = ws.prepared_image(row["concept"], row["stem"], source.suffix.lower())
@@ -165,6 +197,7 @@ def resize_one(row: Row, settings: ResizeSettings, ws: Workspace, index: HashInd
         write_atomic(prepared, data)
     index.remember(prepared, digest)
     out = {"prepared": str(prepared), "prepared_hash": digest, "resolution": target,
+           "width": target, "height": target, "bucket": f"{target}x{target}",
            "original_width": original[0], "original_height": original[1],
            "scaled_width": placement.width, "scaled_height": placement.height,
            "offset_left": placement.left, "offset_top": placement.top,
@@ -176,6 +209,26 @@ def resize_one(row: Row, settings: ResizeSettings, ws: Workspace, index: HashInd
         index.remember(mask_path, bytes_digest(data))
         out.update(user_mask=str(mask_path), user_mask_hash=bytes_digest(data))
         out["outputs"][str(mask_path)] = bytes_digest(data)
+    return out
+
+
+def _resize_to_bucket(row: Row, settings: ResizeSettings, ws: Workspace, index: HashIndex) -> Row:
+    image, original, geometry = prepare_cover(Path(row["source"]), settings.resolution, settings.bucket_quantization,
+                                              settings.background)
+    prepared = ws.prepared_image(row["concept"], row["stem"], f".{settings.image_format}")
+    data = encode(image, settings.image_format)
+    write_atomic(prepared, data)
+    index.remember(prepared, bytes_digest(data))
+    out = {"prepared": str(prepared), "prepared_hash": bytes_digest(data), "resolution": settings.resolution,
+           "original_width": original[0], "original_height": original[1], **geometry,
+           "user_mask": None, "user_mask_hash": None, "outputs": {str(prepared): bytes_digest(data)}}
+    if row.get("mask_source"):
+        mask_path = ws.user_mask(row["concept"], row["stem"])
+        mask = encode(scale_mask(Path(row["mask_source"]), image.size), "png")
+        write_atomic(mask_path, mask)
+        index.remember(mask_path, bytes_digest(mask))
+        out.update(user_mask=str(mask_path), user_mask_hash=bytes_digest(mask))
+        out["outputs"][str(mask_path)] = bytes_digest(mask)
     return out
 
 

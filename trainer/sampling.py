@@ -7,10 +7,11 @@ DPMSolverSDEScheduler with Karras sigmas, which needs `torchsde`; its multistep 
 "DPM++ 2M SDE Karras"). Schedulers are built `from_config` of the model's own scheduler config,
 so the base model's beta schedule, prediction type and timestep spacing carry over.
 
-`generate` encodes prompts with `likeness.trainer.conditioning` (the code training uses) and
-hands the embeddings to the diffusers pipeline. Each image gets its own CPU generator seeded
-with its seed, so an image depends on (weights, prompt, seed, settings) only: not on the batch it
-was in, nor the device. The negative prompt is always encoded as text, an empty one too.
+`generate` encodes prompts with `likeness.trainer.conditioning` (the code training uses), through
+`likeness.trainer.prompt_weights` (A1111 weights such as `(ohwx man:1.2)`, prompts past 77 tokens;
+plain short prompts encode bit-identically), and hands the embeddings to the diffusers pipeline.
+Each image gets its own CPU generator seeded with its seed, so an image depends on (weights,
+prompt, seed, settings) only: not on the batch it was in, nor the device. The negative prompt is always encoded as text, an empty one too.
 
     images = generate(pipe, ["photo of ohwx man"], [""], [42], steps=40, cfg=7.0,
                       sampler="DPMPP_SDE_KARRAS", resolution=1024)
@@ -29,7 +30,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from likeness.trainer.conditioning import encode_prompt
+from likeness.trainer.prompt_weights import encode_prompt_pair
 from likeness.trainer.files import atomic_path
 
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -143,8 +144,7 @@ def generate(
         base_config = pipe.scheduler.config
         for prompt, negative, seed in zip(prompts, negative_prompts, seeds):
             pipe.scheduler = make_scheduler(sampler, base_config, seed)
-            embeds, pooled = _encode(pipe, prompt, clip_skip_1, clip_skip_2)
-            negative_embeds, negative_pooled = _encode(pipe, negative, clip_skip_1, clip_skip_2)
+            embeds, pooled, negative_embeds, negative_pooled = _encode(pipe, prompt, negative, clip_skip_1, clip_skip_2)
             result = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
                           negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps,
                           guidance_scale=cfg, height=height, width=width,
@@ -153,9 +153,11 @@ def generate(
     return images
 
 
-def _encode(pipe: Any, prompt: str, clip_skip_1: int, clip_skip_2: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return encode_prompt(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, [prompt],
-                         clip_skip_1, clip_skip_2)  # (1, 77, W1 + W2), (1, P)
+def _encode(pipe: Any, prompt: str, negative: str, clip_skip_1: int,
+            clip_skip_2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A1111-weighted prompt and negative prompt: (1, 77 N, W1 + W2) each, (1, P) pooled each."""
+    return encode_prompt_pair(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, prompt,
+                              negative, clip_skip_1, clip_skip_2)
 
 
 def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ One place for the names, so the prepare, training and evaluation stages agree on
       prepare/hash-index.json                size + mtime -> content hash, to skip re-hashing
       prefect/                               Prefect's persisted task results (the stage cache)
       samples/ save/ backup/ output/         training and evaluation outputs
+      tensorboard/                           TensorBoard event files (training.tensorboard)
 
 `prepared/` is laid out like a OneTrainer concept folder, so it can be opened there as well.
 
@@ -135,3 +136,8 @@ class Workspace:
     @property
     def output(self) -> Path:
         return self.root / "output"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (when training.tensorboard is on): `likeness tensorboard` shows them."""
+        return self.root / "tensorboard"
