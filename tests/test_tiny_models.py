@@ -181,4 +181,4 @@ def test_incomplete_or_other_seed_folder_is_rebuilt(tmp_path: Path):
     assert not (built.sdxl / "junk").exists()
     assert json.loads((built.sdxl / MARKER).read_text())["seed"] == 3
     assert json.loads((built.clipseg / MARKER).read_text())["seed"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clipseg", "sdxl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "clipseg", "dino", "sdxl"]

@@ -1,4 +1,4 @@
-"""Loading the base SDXL model and CLIPSeg, the same way for real and tiny models.
+"""Loading the base SDXL model, CLIPSeg, DINO and CLIP, the same way for real and tiny models.
 
 `base_model` may be a diffusers folder (with model_index.json), a single-file `.safetensors` /
 `.ckpt` checkpoint (RealVisXL and friends; `config` names a diffusers folder or hub id holding
@@ -10,6 +10,8 @@ cache only.
     pipe = load_sdxl_pipeline("realvisxlV40.safetensors", config="stabilityai/stable-diffusion-xl-base-1.0",
                               torch_dtype=torch.bfloat16)
     model, processor = load_clipseg("CIDAS/clipseg-rd64-refined")
+    model, image_processor = load_dino("facebook/dino-vits16")       # evaluation: DINO likeness
+    model, processor = load_clip("openai/clip-vit-large-patch14")     # evaluation: CLIP-I and CLIP-T
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
-from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers import (
+    AutoImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPSegForImageSegmentation,
+    CLIPSegProcessor,
+    ViTModel,
+)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -158,3 +167,35 @@ def load_clipseg(
         return model, CLIPSegProcessor.from_pretrained(name, **kwargs)
     except OSError as error:  # not cached while offline, no such repo, an incomplete folder, ...
         raise OSError(f"{name}: could not load CLIPSeg: {error}") from error
+
+
+def _model_name(model_id_or_path: str | Path, what: str, example: str) -> str:
+    """The name to hand `from_pretrained`: an existing folder or a hub id (FileNotFoundError otherwise)."""
+    if not is_local_path(model_id_or_path):
+        return str(model_id_or_path)
+    name = str(Path(model_id_or_path).expanduser())
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"{name}: no such {what} folder; give a folder or a hub id ({example})")
+    return name
+
+
+def load_dino(model_id_or_path: str | Path, *, local_files_only: bool | None = None) -> tuple[ViTModel, Any]:
+    """A DINO ViT (eval mode, no pooler: the CLS token is the embedding) and its image processor."""
+    name = _model_name(model_id_or_path, "DINO", "facebook/dino-vits16")
+    kwargs = _hub_kwargs(None, local_files_only)
+    try:
+        model = ViTModel.from_pretrained(name, add_pooling_layer=False, **kwargs).eval()
+        return model, AutoImageProcessor.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise OSError(f"{name}: could not load DINO: {error}") from error
+
+
+def load_clip(model_id_or_path: str | Path, *, local_files_only: bool | None = None) -> tuple[CLIPModel, CLIPProcessor]:
+    """A CLIP model (eval mode, image and text towers) and its processor (image processor + tokenizer)."""
+    name = _model_name(model_id_or_path, "CLIP", "openai/clip-vit-large-patch14")
+    kwargs = _hub_kwargs(None, local_files_only)
+    try:
+        model = CLIPModel.from_pretrained(name, **kwargs).eval()
+        return model, CLIPProcessor.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise OSError(f"{name}: could not load CLIP: {error}") from error

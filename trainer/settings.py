@@ -75,6 +75,9 @@ class CaptionSource(Section):
     on_missing: Literal["error", "prefix_only", "filename"] = Field(
         "error", description="What a missing per-image caption becomes: an error listing the files, the prefix alone, or the file stem.",
     )
+    shuffle_tags: bool = Field(False, description="Shuffle the caption's tags, once per text variation (seeded; raise text_variations for more orders).")
+    tag_delimiter: str = Field(",", min_length=1, description="What separates tags; shuffled tags are joined with ', ' (as OneTrainer).")
+    keep_tags: int = Field(1, ge=0, description="The first N tags stay in place when shuffling (the token, e.g. 'ohwx man').")
 
     @model_validator(mode="after")
     def _needs_its_value(self) -> CaptionSource:
@@ -83,6 +86,32 @@ class CaptionSource(Section):
         if self.source == "text_file" and self.path is None:
             raise ValueError("source 'text_file' needs 'path' (a text file, one caption a line)")
         return self
+
+
+Toggle = Literal["off", "random", "fixed"]
+
+
+class ImageAugmentations(Section):
+    """A concept's image augmentations, baked into each cached image variation (OneTrainer's concept.image).
+
+    random: a seeded draw per (seed, image, variation), strength uniform in [-max, max] (flip: half
+    the variations); fixed: always, at the max strength (flip: always).
+    """
+
+    crop_jitter: bool = Field(False, description="Bucket mode: a random crop offset instead of the centre crop.")
+    flip: Toggle = Field("off", description="Horizontal flip of the image and its mask.")
+    rotate: Toggle = "off"
+    rotate_max_angle: float = Field(0.0, ge=0, le=180, description="Degrees; image and mask rotate together.")
+    brightness: Toggle = "off"
+    brightness_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
+    contrast: Toggle = "off"
+    contrast_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
+    saturation: Toggle = "off"
+    saturation_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
+    hue: Toggle = "off"
+    hue_max_strength: float = Field(0.0, ge=0, le=0.5, description="Hue shift, in turns (0.5 = opposite colour).")
+    mask_rotate_crop: bool = Field(False, description="Rotate (up to 20 degrees) and crop around the mask with 10-30 % padding.")
+    circular_mask_shrink: bool = Field(False, description="Keep only a random disc of the mask.")
 
 
 class Concept(Section):
@@ -103,6 +132,7 @@ class Concept(Section):
     masks: bool | None = Field(None, description="Compute head masks for this concept; default: on for the subject, off for regularization.")
     image_variations: int = Field(1, ge=1, description="Cached image variations (augmentations) per image.")
     text_variations: int = Field(1, ge=1, description="Caption variations per image.")
+    augmentations: ImageAugmentations = Field(default_factory=ImageAugmentations, description="Image augmentations (all off by default).")
 
     @field_validator("balancing", mode="wrap")
     @classmethod
@@ -133,6 +163,8 @@ def _reference_concepts() -> list[Concept]:
 
 class ResizeSettings(Section):
     resolution: int = Field(1024, ge=64, le=4096, multiple_of=64, description="Training images are fit inside resolution x resolution and padded to exactly that.")
+    mode: Literal["pad", "bucket"] = Field("pad", description="pad: fit inside and pad to a square (the reference run); bucket: aspect-ratio buckets of about resolution^2 pixels, scaled to cover and cropped.")
+    bucket_quantization: int = Field(64, ge=8, le=256, multiple_of=8, description="Bucket sides are multiples of this (OneTrainer: 64).")
     background: str = Field("white", min_length=1, description="Padding colour (a Pillow colour name or #rrggbb).")
     min_side: int = Field(512, ge=1, description="Images with a smaller side are reported (warning).")
     image_format: Literal["png", "webp"] = Field("png", description="Prepared images are written lossless.")
@@ -152,6 +184,7 @@ class MaskSettings(Section):
 
 class CaptionerSettings(Section):
     model: str = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model for concepts with caption source 'captioner'.")
+    kind: Literal["auto", "blip", "kosmos2"] = Field("auto", description="blip: plain image-to-text (BLIP and alike); kosmos2: Kosmos-2 (e.g. microsoft/kosmos-2-patch14-224) with its grounding prompt, tags stripped, max_new_tokens >= 64; auto: from the model's config.")
     max_new_tokens: int = Field(40, ge=1)
     batch_size: int = Field(8, ge=1)
 
@@ -254,6 +287,7 @@ class TrainingSettings(Section):
     loss: LossSettings = Field(default_factory=LossSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
+    tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
 
     @model_validator(mode="after")
     def _vae_frozen(self) -> TrainingSettings:
@@ -350,6 +384,27 @@ class BackupSettings(Section):
     before_save: bool = False
 
 
+class SelectionSettings(Section):
+    """How `likeness select` picks one checkpoint from the evaluation scores."""
+
+    rule: Literal["likeness", "validation_loss", "weighted", "epoch"] = Field(
+        "likeness", description="likeness: highest mean of the enabled likeness metrics (dino, clip_i) among checkpoints within both tolerances; validation_loss: lowest validation loss within the tolerances; weighted: highest weighted score within the tolerances; epoch: the checkpoint of `epoch`.",
+    )
+    fidelity_tolerance: float = Field(0.02, ge=0, le=2, description="A checkpoint passes while its prompt fidelity (clip_t) >= the base model's minus this (absolute, cosine units).")
+    class_prior_tolerance: float = Field(0.10, ge=0, le=100, description="A checkpoint passes while its class-prior loss <= the base model's x (1 + this) (relative).")
+    weights: dict[Literal["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"], Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"dino": 1.0, "clip_i": 1.0, "clip_t": 1.0, "class_prior_loss": 0.0, "validation_loss": 0.0},
+        description="Rule weighted: score = sum of weight x metric, losses subtracted (weights >= 0).",
+    )
+    epoch: int | None = Field(None, ge=0, description="Rule epoch: the checkpoint saved at this epoch.")
+
+    @model_validator(mode="after")
+    def _epoch_given(self) -> SelectionSettings:
+        if self.rule == "epoch" and self.epoch is None:
+            raise ValueError("rule 'epoch' needs 'epoch' (the epoch of the checkpoint to keep)")
+        return self
+
+
 class EvaluationSettings(GenerationSettings):
     prompts: list[str] = Field(
         ["photo of ohwx man", "photo of ohwx man in a black suit", "photo of ohwx man lying on the floor with kittens"],
@@ -365,8 +420,18 @@ class EvaluationSettings(GenerationSettings):
         8, ge=0, le=1000,
         description="Regularization images held out of training (never trained on) to measure class-prior loss; 0: none.",
     )
-    dino_model: str = "facebook/dino-vits16"
-    clip_model: str = "openai/clip-vit-large-patch14"
+    dino_model: str = Field("facebook/dino-vits16", min_length=1, description="DINO ViT (hub id or folder) for the dino likeness metric (CLS token).")
+    clip_model: str = Field("openai/clip-vit-large-patch14", min_length=1, description="CLIP (hub id or folder) for the clip_i likeness and clip_t prompt-fidelity metrics.")
+    head_crops: bool = Field(True, description="Score likeness on head crops: the mask's box on training photos, CLIPSeg (masks.model) on generated images, else a centre crop.")
+    loss_timesteps: int = Field(8, ge=1, le=1000, description="Fixed, evenly spaced timesteps of the deterministic class-prior and validation losses.")
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+
+
+class WatchSettings(Section):
+    """The dataset watcher: how often it fingerprints the concept folders (retrain only on a change)."""
+
+    interval_minutes: float = Field(60.0, gt=0, le=10080, description="Minutes between two checks of the concept folders (ignored when cron is set).")
+    cron: str | None = Field(None, min_length=9, description="A cron schedule for the checks instead of the interval, e.g. '0 * * * *'.")
 
 
 # --- the whole -------------------------------------------------------------------------------
@@ -389,6 +454,7 @@ class Settings(Section):
     saving: SavingSettings = Field(default_factory=SavingSettings)
     backups: BackupSettings = Field(default_factory=BackupSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

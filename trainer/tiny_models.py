@@ -1,4 +1,4 @@
-"""Tiny SDXL-shaped and CLIPSeg models from configs: random weights, a fixed seed, no network.
+"""Tiny SDXL-shaped, CLIPSeg, DINO and CLIP models from configs: random weights, a fixed seed, no network.
 
 They exercise every code path of the real pipeline (two text encoders of different widths, the
 SDXL `text_time` conditioning, an 8x VAE, Euler scheduling, CLIPSeg masks) on 64 px images on a
@@ -9,9 +9,11 @@ characters, so any text encodes without unknown tokens).
 
     python -m likeness.trainer.tiny_models OUT_DIR [--seed 0]   # or: likeness tiny-models OUT_DIR
 
-writes OUT_DIR/sdxl (a diffusers StableDiffusionXLPipeline folder) and OUT_DIR/clipseg (a
-CLIPSegForImageSegmentation + CLIPSegProcessor folder); load them with
-`likeness.trainer.models.load_sdxl_pipeline` / `load_clipseg` like any real model.
+writes OUT_DIR/sdxl (a diffusers StableDiffusionXLPipeline folder), OUT_DIR/clipseg (a
+CLIPSegForImageSegmentation + CLIPSegProcessor folder), OUT_DIR/dino (a ViTModel + image
+processor, the evaluation's DINO) and OUT_DIR/clip (a CLIPModel + CLIPProcessor, the evaluation's
+CLIP-I / CLIP-T); load them with `likeness.trainer.models.load_sdxl_pipeline` / `load_clipseg` /
+`load_dino` / `load_clip` like any real model.
 """
 
 from __future__ import annotations
@@ -34,14 +36,20 @@ from transformers import (
     CLIPSegConfig,
     CLIPSegForImageSegmentation,
     CLIPSegProcessor,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    ViTConfig,
     ViTImageProcessorPil,
+    ViTModel,
 )
 
-BUILDER_VERSION = 1  # bump when a config or the vocabulary changes: saved folders are rebuilt
+BUILDER_VERSION = 2  # bump when a config or the vocabulary changes: saved folders are rebuilt
 MARKER = "likeness-tiny.json"  # written last: a folder with it is complete
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -69,10 +77,12 @@ over-sharpened, harsh shadows, natural lighting
 
 @dataclass(frozen=True)
 class TinyModels:
-    """Where `save_tiny_models` wrote the two model folders."""
+    """Where `save_tiny_models` wrote the model folders."""
 
     sdxl: Path
     clipseg: Path
+    dino: Path
+    clip: Path
 
 
 # --- tokenizer -----------------------------------------------------------------------------
@@ -248,6 +258,40 @@ def build_tiny_clipseg(seed: int = 0) -> tuple[CLIPSegForImageSegmentation, CLIP
     return model, CLIPSegProcessor(image_processor=images, tokenizer=tokenizer)
 
 
+# --- DINO and CLIP (evaluation) -------------------------------------------------------------
+
+
+EMBED_IMAGE_SIZE, EMBED_PATCH = 64, 8  # 8x8 patches: real DINO/CLIP use 224 px, 16 / 14 px patches
+
+
+def build_tiny_dino(seed: int = 0) -> tuple[ViTModel, ViTImageProcessorPil]:
+    """facebook/dino-vits16's layout shrunk (no pooler: the metric reads the CLS token), and its processor."""
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=EMBED_IMAGE_SIZE, patch_size=EMBED_PATCH, qkv_bias=True)
+    with _seeded(seed * 1000 + 200):
+        model = ViTModel(config, add_pooling_layer=False).eval()
+    processor = ViTImageProcessorPil(do_resize=True, size={"height": EMBED_IMAGE_SIZE, "width": EMBED_IMAGE_SIZE},
+                                     resample=3, do_rescale=True, do_normalize=True,
+                                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    return model, processor
+
+
+def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
+    """openai/clip-vit-large-patch14's layout shrunk (image and text towers, 32-d projections), and its processor."""
+    tokenizer = build_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=EMBED_IMAGE_SIZE, patch_size=EMBED_PATCH, hidden_act="quick_gelu")
+    with _seeded(seed * 1000 + 300):
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    images = CLIPImageProcessorPil(size={"shortest_edge": EMBED_IMAGE_SIZE},
+                                   crop_size={"height": EMBED_IMAGE_SIZE, "width": EMBED_IMAGE_SIZE})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 # --- saving --------------------------------------------------------------------------------
 
 
@@ -271,6 +315,14 @@ def _save_clipseg(folder: Path, seed: int) -> None:
     model, processor = build_tiny_clipseg(seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def _save_pair(build: Callable[[int], tuple]) -> Callable[[Path, int], None]:
+    def save(folder: Path, seed: int) -> None:
+        model, processor = build(seed)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return save
 
 
 def _write_atomically(target: Path, kind: str, seed: int, save: Callable[[Path, int], None]) -> Path:
@@ -302,21 +354,23 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 def save_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
-    """Write out_dir/sdxl and out_dir/clipseg; complete folders of the same seed are reused."""
+    """Write out_dir/sdxl, clipseg, dino and clip; complete folders of the same seed are reused."""
     out_dir = Path(out_dir)
     return TinyModels(
         sdxl=_write_atomically(out_dir / "sdxl", "sdxl", seed, _save_sdxl),
         clipseg=_write_atomically(out_dir / "clipseg", "clipseg", seed, _save_clipseg),
+        dino=_write_atomically(out_dir / "dino", "dino", seed, _save_pair(build_tiny_dino)),
+        clip=_write_atomically(out_dir / "clip", "clip", seed, _save_pair(build_tiny_clip)),
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write tiny random SDXL and CLIPSeg models (no network).")
+    parser = argparse.ArgumentParser(description="Write tiny random SDXL, CLIPSeg, DINO and CLIP models (no network).")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     built = save_tiny_models(args.out_dir, seed=args.seed)
-    print(f"SDXL pipeline: {built.sdxl}\nCLIPSeg:       {built.clipseg}")
+    print(f"SDXL pipeline: {built.sdxl}\nCLIPSeg:       {built.clipseg}\nDINO:          {built.dino}\nCLIP:          {built.clip}")
 
 
 if __name__ == "__main__":

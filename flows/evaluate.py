@@ -1,0 +1,57 @@
+"""The evaluate and select flows: checkpoints -> labelled grids + scores -> the chosen checkpoint.
+
+`evaluate` generates every checkpoint (and the base model, the first column) x the evaluation
+prompts x the same seeds, draws the grids and scores each checkpoint; `select` reads those scores
+and copies the best checkpoint to the output destination with a report. Both are cached by
+content: adding a checkpoint generates and scores only its column; a re-run with nothing changed
+is all `Cached`.
+
+    likeness evaluate --profile demo-cpu              # every checkpoint in workspace/save
+    likeness select --profile demo-cpu
+    python -m likeness.flows.evaluate PROFILE         # both, like the two commands
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from likeness.tasks.common import run_stage
+from likeness.tasks.evaluate import generate_grid, score_checkpoints
+from likeness.tasks.select import select_checkpoint
+from likeness.trainer.evaluate import EvaluationError, find_checkpoints
+from likeness.trainer.selection import scores_table
+from likeness.trainer.settings import Settings
+from likeness.trainer.stages import StageResult
+from likeness.trainer.workspace import Workspace
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(settings: Settings, checkpoints: list[str] | None = None) -> dict[str, StageResult]:
+    """Grid and scores of the given checkpoints (default: every checkpoint in workspace/save)."""
+    ws = Workspace.from_settings(settings)
+    paths = [str(p) for p in (find_checkpoints(ws) if checkpoints is None else checkpoints)]
+    if not paths:
+        raise EvaluationError(f"no checkpoints to evaluate in {ws.checkpoints}: run `likeness train` first, "
+                              "or pass checkpoint files")
+    grid = run_stage(generate_grid, settings, ws, checkpoints=paths, settings=settings)
+    scores = run_stage(score_checkpoints, settings, ws, grid=grid, settings=settings)
+    return {"grid": grid, "scores": scores}
+
+
+@flow(name="select", log_prints=True)
+def select(settings: Settings) -> StageResult:
+    """Pick one checkpoint from the scores `evaluate` wrote and copy it to settings.output_destination."""
+    ws = Workspace.from_settings(settings)
+    return run_stage(select_checkpoint, settings, ws, scores=scores_table(ws), selection=settings.evaluation.selection,
+                     destination=settings.output_destination)
+
+
+if __name__ == "__main__":
+    from likeness.trainer.profiles import load_profile
+
+    chosen = load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])
+    for result in evaluate(chosen).values():
+        print(result.summary())
+    print(select(chosen).summary())

@@ -1,0 +1,300 @@
+"""Evaluation, stage "grid": every checkpoint (and the base model) x the evaluation prompts x N
+seeds, generated with the same seeds for every checkpoint, as labelled grids; and each
+checkpoint's deterministic class-prior and validation losses (`trainer/class_prior.py`), which
+need the same loaded weights.
+
+Everything is cached per item by content: an image's record is keyed by (checkpoint content
+hash, prompt, negative prompt, seed, generation settings), a loss's by (checkpoint content hash,
+the cached latents it reads, the loss settings). Adding a checkpoint generates only its column;
+adding a prompt only that prompt's images; a checkpoint whose items are all recorded is not
+even loaded. Layout, under the workspace:
+
+    evaluation/images/<key>.png          one generated image
+    evaluation/records/<kind>/<key>.json per-item records (images, losses, scores)
+    evaluation/grids/prompt-NN.jpg       per prompt: columns = checkpoints by epoch, rows = seeds
+    evaluation/grids/overview.jpg        columns = checkpoints, rows = prompts (first seed)
+    evaluation/<stage>.json              each stage's table (grid, scores, select)
+
+    result = grid_stage([Path("workspace/save/person-15.safetensors")], settings, ws, HashIndex(ws.hash_index))
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from likeness.trainer.checkpoint import FOLDER_METADATA, load_checkpoint_metadata
+from likeness.trainer.class_prior import LossKind, deterministic_loss, loss_rows
+from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
+from likeness.trainer.devices import resolve_device
+from likeness.trainer.files import write_atomic
+from likeness.trainer.grid import grid_image, thumbnail
+from likeness.trainer.manifest import read_manifest
+from likeness.trainer.sampling import generate, save_sample
+from likeness.trainer.settings import Settings
+from likeness.trainer.stages import Counts, ItemRecords, PrepareError, Progress, Row, StageResult, map_cached
+from likeness.trainer.workspace import Workspace
+
+EVALUATE_VERSION = 1
+LOSSES: dict[str, LossKind] = {"class_prior_loss": "class_prior", "validation_loss": "validation"}
+
+
+class EvaluationError(PrepareError):
+    """Missing or unusable evaluation inputs: fixing them (not retrying) helps."""
+
+
+def evaluation_dir(ws: Workspace) -> Path:
+    return ws.root / "evaluation"
+
+
+def eval_table(ws: Workspace, stage: str) -> Path:
+    return evaluation_dir(ws) / f"{stage}.json"
+
+
+def write_eval_table(ws: Workspace, stage: str, rows: list[Row], counts: Counts, outputs: dict[str, str],
+                     extra: dict[str, Any]) -> StageResult:
+    """Like `stages.write_table`, in `evaluation/<stage>.json`."""
+    payload = {"stage": stage, "version": EVALUATE_VERSION, "rows": rows, "outputs": outputs, "extra": extra}
+    data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode("utf-8")
+    path = write_atomic(eval_table(ws, stage), data)
+    return StageResult(stage, path, bytes_digest(data), counts.processed, counts.reused)
+
+
+def read_eval_table(result: StageResult) -> dict[str, Any]:
+    return json.loads(result.table.read_text(encoding="utf-8"))
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A column of the grid: the base model or a saved checkpoint."""
+
+    name: str
+    path: str
+    epoch: int | None  # None: the base model
+    step: int
+    key: str  # content fingerprint: what every cache record of this column is keyed on
+
+    @property
+    def is_base(self) -> bool:
+        return self.epoch is None
+
+    @property
+    def label(self) -> str:
+        return "base" if self.is_base else f"epoch {self.epoch}"
+
+
+def find_checkpoints(ws: Workspace) -> list[Path]:
+    """Every saved checkpoint in `workspace/save`: .safetensors files and diffusers folders we wrote."""
+    folder = ws.checkpoints
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
+                  ((p.is_file() and p.suffix == ".safetensors") or (p / FOLDER_METADATA).is_file()))
+
+
+def candidates(checkpoints: list[str | Path], settings: Settings, index: HashIndex) -> list[Candidate]:
+    """The base model first, then the checkpoints by (epoch, step, name); errors name the bad file."""
+    found = []
+    for path in map(Path, checkpoints):
+        if not path.exists():
+            raise EvaluationError(f"{path}: no such checkpoint; pass files written by `likeness train`")
+        try:
+            info = load_checkpoint_metadata(path)
+        except ValueError as error:
+            raise EvaluationError(str(error)) from error
+        found.append(Candidate(path.name, str(path.resolve()), info.epoch, info.step, model_fingerprint(str(path), index)))
+    names = [c.name for c in found]
+    if len(set(names)) != len(names) or "base" in names:
+        raise EvaluationError(f"checkpoint file names must be unique and not 'base' (they label the grid): {names}")
+    found.sort(key=lambda c: (c.epoch, c.step, c.name))
+    base = settings.model.base_model
+    return [Candidate("base", base, None, 0, model_fingerprint(base, index)), *found]
+
+
+def load_candidate(candidate: Candidate, settings: Settings, device: torch.device) -> Any:
+    """The SDXL pipeline of a column (float32 on CPU, the training dtype on a GPU)."""
+    from likeness.trainer.models import is_single_file, load_sdxl_pipeline
+
+    base, config = settings.model.base_model, settings.model.config
+    if config is None and not candidate.is_base and not is_single_file(base):
+        config = base  # a single-file checkpoint takes its component configs from the base model
+    dtype = torch.float32 if device.type == "cpu" else getattr(torch, settings.training.train_dtype)
+    pipe = load_sdxl_pipeline(candidate.path, config=config, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def generation_settings(settings: Settings) -> dict[str, Any]:
+    """What changes a generated image besides weights, prompt and seed."""
+    e = settings.evaluation
+    return {"negative_prompt": e.negative_prompt, "steps": e.steps, "cfg": e.cfg_scale, "sampler": e.sampler,
+            "resolution": e.resolution or settings.resize.resolution,
+            "clip_skip": (settings.training.text_encoder.clip_skip, settings.training.text_encoder_2.clip_skip)}
+
+
+def loss_settings(settings: Settings) -> dict[str, Any]:
+    t = settings.training
+    return {"seed": settings.evaluation.seed, "timesteps": settings.evaluation.loss_timesteps,
+            "noise": t.noise.model_dump(mode="json"), "loss": t.loss.model_dump(mode="json"),
+            "trained": (t.text_encoder.train, t.text_encoder_2.train), "clip_skip": generation_settings(settings)["clip_skip"],
+            "held_out": settings.evaluation.class_prior_images}
+
+
+def seeds(settings: Settings) -> list[int]:
+    return [settings.evaluation.seed + i for i in range(settings.evaluation.seeds_per_prompt)]
+
+
+def _optional_digest(path: Path) -> str | None:
+    return file_digest(path) if path.is_file() else None
+
+
+def grid_key(checkpoints: list[str], settings: Settings, ws: Workspace) -> str:
+    """The grid stage's cache key: checkpoint contents, prompts, generation and loss settings, prepared data."""
+    index = HashIndex(ws.hash_index)
+    columns = [asdict(c) for c in candidates(checkpoints, settings, index)]
+    config = model_fingerprint(settings.model.config, index) if settings.model.config else None
+    index.save()
+    e = settings.evaluation
+    return digest_parts("grid", EVALUATE_VERSION, columns, config, e.prompts, seeds(settings), generation_settings(settings),
+                        loss_settings(settings), sorted(set(e.metrics) & set(LOSSES)),
+                        _optional_digest(ws.manifest), _optional_digest(ws.latents_index), str(ws.root))
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index: HashIndex,
+               progress: Progress | None = None) -> StageResult:
+    """Generate what the records lack, measure the losses, draw the grids, write `evaluation/grid.json`."""
+    columns = candidates(checkpoints, settings, index)
+    items = [{"prompt_index": p, "prompt": prompt, "seed": seed}
+             for p, prompt in enumerate(settings.evaluation.prompts) for seed in seeds(settings)]
+    loss_inputs = _loss_inputs(settings, ws, index)
+    device = resolve_device(settings.run.device)
+    rows, losses, counts = [], {}, Counts()
+    for done, column in enumerate(columns):
+        pipe = cache(lambda column=column: load_candidate(column, settings, device))
+        images, column_counts = _generate_column(column, items, pipe, settings, ws, index)
+        rows += [{"checkpoint": column.name, "label": column.label, "epoch": column.epoch, **item, **image}
+                 for item, image in zip(items, images, strict=True)]
+        losses[column.name] = _column_losses(column, loss_inputs, pipe, settings, ws, index)
+        counts.processed += column_counts.processed
+        counts.reused += column_counts.reused
+        pipe.cache_clear()  # one pipeline in memory at a time
+        if progress:
+            progress(done + 1, len(columns))
+    grids = write_grids(columns, rows, settings, ws)
+    outputs = {row["image"]: row["image_hash"] for row in rows}
+    outputs.update({str(p): index.digest(p) for p in grids})
+    extra = {"candidates": [asdict(c) for c in columns], "losses": losses, "grids": [str(p) for p in grids]}
+    result = write_eval_table(ws, "grid", rows, counts, outputs, extra)
+    index.save()
+    return result
+
+
+def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settings, ws: Workspace,
+                     index: HashIndex) -> tuple[list[Row], Counts]:
+    gen = generation_settings(settings)
+    folder = evaluation_dir(ws) / "images"
+
+    def key(item: Row) -> str:
+        return digest_parts("image", EVALUATE_VERSION, column.key, item["prompt"], item["seed"], gen)
+
+    def compute(batch: list[Row]) -> list[Row]:
+        images = generate(pipe(), [i["prompt"] for i in batch], [gen["negative_prompt"]] * len(batch),
+                          [i["seed"] for i in batch], steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"],
+                          resolution=gen["resolution"], clip_skip_1=gen["clip_skip"][0], clip_skip_2=gen["clip_skip"][1])
+        out = []
+        for item, image in zip(batch, images, strict=True):
+            path = save_sample(image, folder / f"{key(item)}.png")
+            digest = index.digest(path)
+            out.append({"image": str(path), "image_hash": digest, "outputs": {str(path): digest}})
+        return out
+
+    records = ItemRecords(evaluation_dir(ws) / "records" / "images", index)
+    rows, counts = map_cached(items, key, compute, records, batch_size=1)
+    return [{k: v for k, v in row.items() if k != "outputs"} for row in rows], counts
+
+
+def _loss_inputs(settings: Settings, ws: Workspace, index: HashIndex) -> dict[str, tuple[list[Row], str]]:
+    """Per enabled loss metric: its rows from the latent cache and a digest of what they read."""
+    wanted = [m for m in settings.evaluation.metrics if m in LOSSES]
+    if not wanted:
+        return {}
+    if not ws.manifest.is_file() or not ws.latents_index.is_file():
+        raise EvaluationError(
+            f"the class-prior and validation losses read the latent cache ({ws.latents_index}), which does not exist: "
+            "run `likeness prepare` first, or drop class_prior_loss and validation_loss from evaluation.metrics")
+    manifest, latents = read_manifest(ws.manifest), pd.read_csv(ws.latents_index, keep_default_na=False)
+    inputs = {}
+    for metric in wanted:
+        rows = loss_rows(manifest, latents, LOSSES[metric], settings.evaluation.class_prior_images)
+        content = [(r["id"], r["caption"], index.digest(r["latent_path"]), r["text_path"] and index.digest(r["text_path"]))
+                   for r in rows]
+        inputs[metric] = (rows, digest_parts(content, loss_settings(settings)))
+    return inputs
+
+
+def _column_losses(column: Candidate, inputs: dict[str, tuple[list[Row], str]], pipe, settings: Settings,
+                   ws: Workspace, index: HashIndex) -> dict[str, float | None]:
+    records = ItemRecords(evaluation_dir(ws) / "records" / "losses", index)
+    values = {}
+    for metric, (rows, content) in inputs.items():
+        key = digest_parts("loss", EVALUATE_VERSION, metric, column.key, content)
+        record = records.get(key)
+        if record is None:
+            record = {"value": deterministic_loss(pipe(), rows, settings) if rows else None, "outputs": {}}
+            records.put(key, record)
+        values[metric] = record["value"]
+    return values
+
+
+# --- grids -----------------------------------------------------------------------------------
+
+
+def write_grids(columns: list[Candidate], rows: list[Row], settings: Settings, ws: Workspace) -> list[Path]:
+    """One grid per prompt (rows = seeds) and the overview (rows = prompts, first seed); overview last."""
+    by_cell = {(r["checkpoint"], r["prompt_index"], r["seed"]): r["image"] for r in rows}
+    labels, folder, first = [c.label for c in columns], evaluation_dir(ws) / "grids", seeds(settings)[0]
+    paths = []
+    for p, prompt in enumerate(settings.evaluation.prompts):
+        cells = [[Image.open(by_cell[c.name, p, s]) for s in seeds(settings)] for c in columns]
+        image = grid_image(cells, labels, [f"seed {s}" for s in seeds(settings)], title=prompt)
+        paths.append(save_sample(image, folder / f"prompt-{p:02d}.jpg"))
+    prompts = settings.evaluation.prompts
+    cells = [[Image.open(by_cell[c.name, p, first]) for p in range(len(prompts))] for c in columns]
+    overview = grid_image(cells, labels, [f"prompt {p + 1}" for p in range(len(prompts))],
+                          title=f"seed {first}: " + " | ".join(f"{p + 1}: {t}" for p, t in enumerate(prompts)))
+    paths.append(save_sample(overview, folder / "overview.jpg"))
+    return paths
+
+
+def grid_markdown(result: StageResult, max_side: int = 768) -> str:
+    """Markdown for the Prefect UI: each grid inline (a downscaled JPEG data URI) and its file path."""
+    table = read_eval_table(result)
+    lines = [f"# Evaluation grids\n\n{len(table['extra']['candidates'])} columns (base model first), "
+             f"{result.processed} images generated, {result.reused} reused.\n"]
+    for path in map(Path, table["extra"]["grids"]):
+        lines += [f"## {path.stem}\n", f"![{path.stem}]({_data_uri(path, max_side)})\n", f"`{path}`\n"]
+    return "\n".join(lines)
+
+
+def _data_uri(path: Path, max_side: int) -> str:
+    buffer = io.BytesIO()
+    thumbnail(Image.open(path).convert("RGB"), max_side).save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,186 @@
+"""Evaluation, stage "scores": one row of metrics per checkpoint (and the base model).
+
+- dino, clip_i (likeness): mean pairwise cosine similarity of the column's generated images and
+  the subject's training photos (manifest rows of subject concepts, no validation concepts),
+  both as head crops when `evaluation.head_crops` (see `trainer/embeddings.py`);
+- clip_t (prompt fidelity): CLIP similarity of each whole generated image with its prompt;
+- class_prior_loss, validation_loss: measured by the grid stage with the loaded weights.
+Metrics not in `evaluation.metrics` are None. Each (checkpoint, metric) value is a record keyed by
+the content of the images and photos it reads and the model's content, so a new checkpoint is
+scored alone and models load only when some record is missing.
+
+Writes `evaluation/scores.json` (the table `likeness select` reads) and `evaluation/scores.csv`.
+
+    result = scores_stage(grid_result, settings, ws, HashIndex(ws.hash_index))
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
+from likeness.trainer.devices import resolve_device
+from likeness.trainer.embeddings import (
+    clip_text_embeddings,
+    clipseg_head_masks,
+    embed_images,
+    head_crop,
+    load_embedder,
+    mean_paired_similarity,
+    mean_pairwise_similarity,
+)
+from likeness.trainer.evaluate import (
+    LOSSES,
+    EvaluationError,
+    evaluation_dir,
+    read_eval_table,
+    write_eval_table,
+)
+from likeness.trainer.files import write_atomic
+from likeness.trainer.manifest import read_manifest
+from likeness.trainer.masks import item_settings
+from likeness.trainer.selection import METRICS, likeness
+from likeness.trainer.settings import Settings
+from likeness.trainer.stages import Counts, ItemRecords, Row, StageResult
+from likeness.trainer.workspace import Workspace
+
+SCORES_VERSION = 1
+IMAGE_METRICS = {"dino": "dino", "clip_i": "clip", "clip_t": "clip"}  # metric -> embedder kind
+
+
+def _model_name(settings: Settings, kind: str) -> str:
+    return settings.evaluation.dino_model if kind == "dino" else settings.evaluation.clip_model
+
+
+def crop_settings(settings: Settings, index: HashIndex) -> Any:
+    """What changes a head crop: off, or CLIPSeg's model content and mask settings."""
+    if not settings.evaluation.head_crops:
+        return None
+    return item_settings(settings.masks, model_fingerprint(settings.masks.model, index))
+
+
+def scores_key(grid: StageResult, settings: Settings, ws: Workspace) -> str:
+    index = HashIndex(ws.hash_index)
+    models = {kind: model_fingerprint(_model_name(settings, kind), index) for kind in ("dino", "clip")}
+    crops = crop_settings(settings, index)
+    manifest = index.digest(ws.manifest) if ws.manifest.is_file() else None
+    index.save()
+    return digest_parts("scores", SCORES_VERSION, grid.table_digest, sorted(settings.evaluation.metrics), models, crops,
+                        manifest, str(ws.root))
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def reference_rows(ws: Workspace) -> list[Row]:
+    """The subject's training photos: manifest rows of subject concepts, validation concepts excluded."""
+    if not ws.manifest.is_file():
+        raise EvaluationError(f"likeness compares with the training photos listed in {ws.manifest}, which does not "
+                              "exist: run `likeness prepare` first, or drop dino and clip_i from evaluation.metrics")
+    df = read_manifest(ws.manifest)
+    rows = df[(df["role"] == "subject") & ~df["validation"].astype(bool)].sort_values("id")
+    if rows.empty:
+        raise EvaluationError(f"{ws.manifest}: no subject photos to compare with; add a concept with role 'subject'")
+    return rows.to_dict("records")
+
+
+def reference_crop(row: Row, head_crops: bool) -> Image.Image:
+    """A training photo's head (its mask's box), or the photo's area on the padded canvas without a mask."""
+    image = Image.open(row["prepared_path"]).convert("RGB")
+    if not head_crops:
+        return image
+    mask_path = _text(row.get("mask_path"))
+    if mask_path:
+        return head_crop(image, np.asarray(Image.open(mask_path).convert("L")))
+    left, top = int(row["offset_left"]), int(row["offset_top"])
+    return image.crop((left, top, left + int(row["scaled_width"]), top + int(row["scaled_height"])))
+
+
+class Inputs:
+    """Models, photos and crops, each loaded on first use (nothing loads when every record hits)."""
+
+    def __init__(self, settings: Settings, ws: Workspace):
+        self.settings, self.ws, self.device = settings, ws, resolve_device(settings.run.device)
+        self.embedder = cache(lambda kind: load_embedder(kind, _model_name(settings, kind), self.device))
+        self.references = cache(lambda kind: embed_images(self.embedder(kind), self._photos()))
+        self._photos = cache(lambda: [reference_crop(r, settings.evaluation.head_crops) for r in reference_rows(ws)])
+        self._clipseg = cache(self._load_clipseg)
+
+    def _load_clipseg(self) -> tuple:
+        from likeness.trainer.masks import load_model
+
+        return load_model(self.settings.masks.model, self.settings.run.device)
+
+    def crops(self, paths: list[str]) -> list[Image.Image]:
+        images = [Image.open(p).convert("RGB") for p in paths]
+        if not self.settings.evaluation.head_crops:
+            return images
+        masks = clipseg_head_masks(images, self._clipseg(), self.settings.masks)
+        return [head_crop(image, mask) for image, mask in zip(images, masks, strict=True)]
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def measure(metric: str, inputs: Inputs, images: list[Row]) -> float:
+    """One image metric of one column's images."""
+    embedder = inputs.embedder(IMAGE_METRICS[metric])
+    if metric == "clip_t":
+        pictures = embed_images(embedder, [Image.open(r["image"]) for r in images])
+        return mean_paired_similarity(pictures, clip_text_embeddings(embedder, [r["prompt"] for r in images]))
+    return mean_pairwise_similarity(embed_images(embedder, inputs.crops([r["image"] for r in images])),
+                                    inputs.references(IMAGE_METRICS[metric]))
+
+
+def scores_stage(grid: StageResult, settings: Settings, ws: Workspace, index: HashIndex) -> StageResult:
+    """A row of scores per column of the grid; writes evaluation/scores.json and scores.csv."""
+    table = read_eval_table(grid)
+    enabled = [m for m in METRICS if m in settings.evaluation.metrics]
+    image_metrics = [m for m in enabled if m in IMAGE_METRICS]
+    inputs, records = Inputs(settings, ws), ItemRecords(evaluation_dir(ws) / "records" / "scores", index)
+    photos = _photo_digest(ws, index) if {"dino", "clip_i"} & set(image_metrics) else None
+    crops = crop_settings(settings, index)
+    counts, rows = Counts(), []
+    for column in table["extra"]["candidates"]:
+        images = sorted((r for r in table["rows"] if r["checkpoint"] == column["name"]),
+                        key=lambda r: (r["prompt_index"], r["seed"]))
+        values: dict[str, float | None] = {m: None for m in METRICS}
+        for metric in image_metrics:
+            model = model_fingerprint(_model_name(settings, IMAGE_METRICS[metric]), index)
+            key = digest_parts("score", SCORES_VERSION, metric, [(r["image_hash"], r["prompt"]) for r in images],
+                               model, None if metric == "clip_t" else (photos, crops))
+            record = records.get(key)
+            if record is None:
+                record = {"value": measure(metric, inputs, images), "outputs": {}}
+                records.put(key, record)
+                counts.processed += 1
+            else:
+                counts.reused += 1
+            values[metric] = record["value"]
+        for metric in LOSSES:
+            if metric in enabled:
+                values[metric] = table["extra"]["losses"][column["name"]].get(metric)
+        rows.append({"checkpoint": column["name"], "label": "base" if column["epoch"] is None else f"epoch {column['epoch']}",
+                     "path": column["path"], "epoch": column["epoch"], "step": column["step"],
+                     "base": column["epoch"] is None, **values, "likeness": likeness(values, enabled)})
+    frame = pd.DataFrame(rows).astype({"epoch": "Int64"})  # the base model's epoch is empty, not NaN
+    csv = frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    csv_path = write_atomic(evaluation_dir(ws) / "scores.csv", csv)
+    result = write_eval_table(ws, "scores", rows, counts, {str(csv_path): bytes_digest(csv)}, {"metrics": enabled})
+    index.save()
+    return result
+
+
+def _photo_digest(ws: Workspace, index: HashIndex) -> str:
+    return digest_parts([(r["id"], r["prepared_hash"], _text(r.get("mask_hash"))) for r in reference_rows(ws)])
+
+
+def _text(value: Any) -> str | None:
+    """A manifest cell as a string, or None for an empty one (pandas reads those as NaN)."""
+    return value if isinstance(value, str) and value else None
+
