@@ -12,6 +12,7 @@ content and a stage version; never mtimes or run ids. Results are persisted in
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
+from prefect.exceptions import MissingContextError
 from tqdm.auto import tqdm
 
 from likeness.trainer.content import HashIndex
@@ -40,15 +42,34 @@ class StagePolicy(CachePolicy):
         return self.key_fn(**{name: value for name, value in inputs.items() if name in names})
 
 
+# Failures no retry can fix: the data or the settings (PrepareError, SettingsError and pydantic's
+# ValidationError are ValueErrors), or a bug. Everything else (OSError, CUDA out of memory, a
+# killed worker's RuntimeError) is retried with backoff.
+PERMANENT = (PrepareError, ValueError, TypeError, LookupError, NotImplementedError, AssertionError)
+
+
 def transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry unexpected failures, not problems with the data or settings (PrepareError)."""
+    """Retry transient failures (I/O, out of memory), not problems with the data, settings or code."""
     try:
         state.result()
-    except PrepareError:
+    except PERMANENT as exc:
+        _logger().error("not retried (%s): fix the input it names, then run again", type(exc).__name__)
         return False
     except Exception:
         return True
     return True
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a run (tests, plain use)
+        return logging.getLogger(__name__)
+
+
+def backoff(retries: int, delay: float) -> list[float]:
+    """Retry delays doubling from `delay`: [d, 2d, 4d, ...], one per retry."""
+    return [delay * 2**i for i in range(max(retries, 1))]
 
 
 def workers(settings: Settings) -> int:
@@ -74,7 +95,7 @@ def progress(stage: str) -> Progress:
 def run_stage(stage_task: Task, settings: Settings, ws: Workspace, /, **inputs: Any) -> StageResult:
     """Run one stage task with the run's retries; redo it if its cached outputs changed on disk."""
     configured = stage_task.with_options(
-        retries=settings.run.retries, retry_delay_seconds=settings.run.retry_delay_seconds,
+        retries=settings.run.retries, retry_delay_seconds=backoff(settings.run.retries, settings.run.retry_delay_seconds),
         retry_condition_fn=transient, result_storage=ws.prefect_results)
     state = configured(ws=ws, **inputs, return_state=True)
     result: StageResult = state.result()

@@ -1,0 +1,202 @@
+"""Every likeness deployment in one table, and the two ways to run them.
+
+1. `likeness serve` (the embedded default): `serve_all()` serves every deployment from one
+   process; runs execute as subprocesses of it. Nothing else to set up.
+2. Work pools: `prefect.yaml` (written from this table by `render_prefect_yaml()`), a `cpu` process
+   pool for preprocessing and evaluation and a `gpu` pool for training, so a GPU box runs only a
+   `gpu` worker. `prefect deploy --all` registers them.
+
+Either way the watcher runs on a schedule from `settings.watch`, the pipeline has a trigger on
+`likeness.dataset.changed`, and training holds the `gpu` tag concurrency slot (limit 1 unless the
+user set another), so two runs never share a GPU.
+
+    python -m likeness.deployments.catalog          # print prefect.yaml as this table renders it
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from likeness.deployments import entry
+from likeness.trainer.settings import Settings, WatchSettings
+
+DATASET_CHANGED = "likeness.dataset.changed"  # the event the watcher emits (tasks/watch.py)
+GPU_TAG = "gpu"  # the training task's tag; a tag concurrency limit of 1 serialises GPU work
+LIBRARY_LOGGERS_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(entry.LIBRARY_LOGGERS)}
+RETRAIN_TRIGGER = {
+    "type": "event",
+    "name": "retrain when the dataset changed",
+    "expect": [DATASET_CHANGED],
+    "match": {"prefect.resource.id": "likeness.dataset.*"},
+    # the watcher's own settings, so the retraining sees exactly the folders it fingerprinted
+    "parameters": {"settings": "{{ event.payload.settings }}", "overrides": []},
+}
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment: its name, entry flow, the stage module it needs, and where it runs."""
+
+    name: str
+    flow: str  # attribute of likeness.deployments.entry
+    needs: str  # key of entry.STAGE_FLOWS whose module must exist
+    pool: str  # "cpu" or "gpu"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entrypoint(self) -> str:
+        return f"deployments/entry.py:{self.flow}"
+
+    @property
+    def tags(self) -> list[str]:
+        # not the bare pool name: a `gpu` tag on the run would not hold the task slot, only confuse
+        return ["likeness", f"{self.pool}-pool"]
+
+    @property
+    def flow_name(self) -> str:
+        return getattr(entry, self.flow).name
+
+    @property
+    def full_name(self) -> str:
+        """`<flow name>/<deployment name>`, as `run_deployment` and the CLI take it."""
+        return f"{self.flow_name}/{self.name}"
+
+
+DEPLOYMENTS = (
+    DeploymentSpec("pipeline", "run_pipeline", "pipeline", "gpu"),
+    DeploymentSpec("prepare", "run_prepare", "prepare", "cpu"),
+    *(DeploymentSpec(f"stage-{s}", "run_stage", "prepare", "cpu", {"stage": s})
+      for s in ("scan", "resize", "masks", "captions", "balance", "manifest", "latents")),
+    DeploymentSpec("train", "run_train", "train", "gpu"),
+    DeploymentSpec("evaluate", "run_evaluate", "evaluate", "cpu"),
+    DeploymentSpec("select", "run_select", "select", "cpu"),
+    DeploymentSpec("watch", "run_watch", "watch", "cpu"),
+)
+
+
+def available(spec: DeploymentSpec) -> bool:
+    """Whether the stage flow a deployment runs is installed (train/evaluate land after prepare)."""
+    return importlib.util.find_spec(entry.STAGE_FLOWS[spec.needs][0]) is not None
+
+
+def available_deployments() -> list[DeploymentSpec]:
+    return [spec for spec in DEPLOYMENTS if available(spec)]
+
+
+def watch_schedule(watch: WatchSettings) -> dict[str, Any]:
+    """`to_deployment` schedule arguments from the watcher settings: cron if set, else the interval."""
+    if watch.cron:
+        return {"cron": watch.cron}
+    return {"interval": timedelta(minutes=watch.interval_minutes)}
+
+
+def runner_deployments(settings: Settings, profile: str, overrides: list[str] | None = None) -> list[Any]:
+    """The installed deployments, for `serve`, with the profile (and overrides) as default parameters."""
+    built = []
+    for spec in available_deployments():
+        flow = getattr(entry, spec.flow)
+        extra: dict[str, Any] = {}
+        if spec.name == "watch":
+            extra = watch_schedule(settings.watch)
+        if spec.name == "pipeline":
+            extra["triggers"] = [_trigger()]
+        built.append(flow.to_deployment(
+            name=spec.name, tags=spec.tags, description=flow.description,
+            parameters={"profile": profile, "overrides": list(overrides or []), **spec.parameters}, **extra))
+    return built
+
+
+def _trigger() -> Any:
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(**{k: v for k, v in RETRAIN_TRIGGER.items() if k != "type"})
+
+
+def ensure_gpu_limit(limit: int = 1) -> int:
+    """Create the `gpu` tag concurrency limit if there is none; returns the limit in force.
+
+    A limit the user set (e.g. 2 on a two-GPU box) is kept.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
+            return limit
+
+
+def serve_all(settings: Settings, profile: str, overrides: list[str] | None = None, limit: int | None = None) -> None:
+    """Serve every installed deployment from this process until interrupted (`likeness serve`)."""
+    from prefect import serve
+
+    for key, value in LIBRARY_LOGGERS_ENV.items():
+        os.environ.setdefault(key, value)  # inherited by the flow-run subprocesses
+    ensure_gpu_limit()
+    serve(*runner_deployments(settings, profile, overrides), limit=limit)
+
+
+# --- prefect.yaml ----------------------------------------------------------------------------
+
+POOLS = {
+    "cpu": {"name": "cpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": ""}}},
+    "gpu": {"name": "gpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": "0"}}},
+}
+
+
+def yaml_deployments(profile: str = "demo-cpu") -> list[dict[str, Any]]:
+    """Every deployment (installed or not) as prefect.yaml lists it."""
+    rows = []
+    for spec in DEPLOYMENTS:
+        row: dict[str, Any] = {
+            "name": spec.name, "entrypoint": spec.entrypoint, "tags": spec.tags,
+            "parameters": {"profile": profile, **spec.parameters}, "work_pool": copy.deepcopy(POOLS[spec.pool]),
+        }
+        if spec.name == "train":
+            row["concurrency_limit"] = 1
+        if spec.name == "watch":
+            row["schedules"] = [{"interval": int(WatchSettings().interval_minutes * 60)}]
+        if spec.name == "pipeline":
+            row["triggers"] = [copy.deepcopy(RETRAIN_TRIGGER)]
+        rows.append(row)
+    return rows
+
+
+YAML_HEADER = """\
+# Deployments of likeness for work pools: a `cpu` process pool (preprocessing, evaluation, the
+# watcher) and a `gpu` process pool (training, the whole pipeline). Written by
+# `python -m likeness.deployments.catalog > prefect.yaml`; see docs/operations.md.
+#
+#   prefect work-pool create cpu --type process
+#   prefect work-pool create gpu --type process && prefect work-pool set-concurrency-limit gpu 1
+#   prefect concurrency-limit create gpu 1        # the training task's `gpu` tag: one at a time
+#   prefect deploy --all                          # from this folder
+#   prefect worker start --pool cpu               # anywhere
+#   prefect worker start --pool gpu               # on the GPU box (CUDA_VISIBLE_DEVICES below)
+"""
+
+
+def render_prefect_yaml(profile: str = "demo-cpu") -> str:
+    import yaml
+
+    document = {
+        "name": "likeness",
+        "prefect-version": "3.9.1",
+        "build": None,
+        "push": None,
+        # runs start in the folder `prefect deploy` was run from (the repository, installed with pip -e)
+        "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}],
+        "deployments": yaml_deployments(profile),
+    }
+    return YAML_HEADER + yaml.safe_dump(document, sort_keys=False, width=110)
+
+
+if __name__ == "__main__":
+    print(render_prefect_yaml(), end="")
