@@ -1,0 +1,50 @@
+"""Prefect tasks of the training stage (the work: trainer/loop.py): `train_model` on the GPU slot,
+and `publish_training_report`, the artifacts `loss-curve` (markdown, the PNG inline) and
+`loss-table` (the loss every few steps).
+
+The cache key is the content training reads (manifest, latent cache index, base model) and the
+training settings (`loop.train_key`): a re-run with nothing changed is `Cached` and loads no model.
+A retry (or a re-run after a crash) resumes from the newest matching backup by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from likeness.tasks.common import StagePolicy
+from likeness.trainer.backup import latest_backup
+from likeness.trainer.loop import TrainResult, train, train_key, training_fingerprint
+from likeness.trainer.tensorboard import sinks_from_settings
+from likeness.trainer.settings import Settings
+from likeness.trainer.workspace import Workspace
+
+TABLE_ROWS = 200  # the table artifact shows at most about this many steps
+
+
+@task(name="train-model", tags=["gpu"], cache_policy=StagePolicy(key_fn=train_key))
+def train_model(settings: Settings, ws: Workspace) -> TrainResult:
+    """Fine-tune the base model on the prepared dataset: samples, checkpoints, backups, loss reports."""
+    backup = latest_backup(ws.backups, training_fingerprint(settings, ws))  # TensorBoard drops steps after it
+    sinks = sinks_from_settings(settings, ws, start_step=backup.step + 1 if backup else None)
+    result = train(settings, log=get_run_logger().info, sinks=sinks)
+    get_run_logger().info(result.summary())
+    return result
+
+
+@task(name="publish-training-report")
+def publish_training_report(result: TrainResult) -> None:
+    with open(result.loss_table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    every = max(1, len(rows) // TABLE_ROWS)
+    create_table_artifact(rows[::every] + (rows[-1:] if (len(rows) - 1) % every else []), key="loss-table",
+                          description=f"Training loss (every {every} step(s)), {result.loss_table}")
+    curve = "(no steps)"
+    if result.loss_curve.is_file():
+        inline = base64.b64encode(result.loss_curve.read_bytes()).decode("ascii")
+        curve = f"![loss curve](data:image/png;base64,{inline})"
+    create_markdown_artifact(f"# Training loss\n\n{curve}\n\n`{result.loss_curve}`\n\n{result.summary()}\n",
+                             key="loss-curve", description="Loss per step and its moving average")

@@ -1,0 +1,64 @@
+"""Several training processes (accelerate launch / torchrun): this process's rank, its device, and
+the gradient averaging that replaces DistributedDataParallel.
+
+Plain all-reduce after backward instead of wrapping models in DDP: the parts being trained change
+during a run (`stop_training_after`), which DDP does not allow without searching for unused
+parameters every step, and the state dicts keep their plain keys. One process (the default) needs
+no process group at all.
+
+    procs = start_processes(settings.run.device)     # Processes(world_size, rank, device)
+    loss.backward(); average_gradients(params, procs.world_size); optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from likeness.trainer.devices import resolve_device
+
+
+@dataclass
+class Processes:
+    world_size: int
+    rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def start_processes(device_name: str) -> Processes:
+    """One process by default; under `accelerate launch` / torchrun, this process's rank and device."""
+    device = resolve_device(device_name)
+    from accelerate import PartialState  # reads the launcher's environment, starts gloo / NCCL
+
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device  # cuda:<local rank>
+    return Processes(state.num_processes, state.process_index, device)
+
+
+def average_gradients(parameters: Sequence[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce each gradient to the mean over processes (a missing one counts as zero)."""
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world_size)
+
+
+def mean_over_processes(value: float, procs: Processes) -> float:
+    if procs.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=procs.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / procs.world_size

@@ -1,0 +1,405 @@
+"""The training loop: plain torch + diffusers, no Prefect. Reads the manifest and the latent cache,
+fine-tunes the SDXL UNet (and text encoder 1), samples, saves checkpoints, backs up and resumes.
+
+One `train(settings)` call runs (or finishes) a whole training run. It resumes by itself from the
+newest complete backup whose fingerprint (training settings + data + base model) matches, so a
+killed run started again continues where its last backup left off and ends with the weights an
+uninterrupted run would have. Under `accelerate launch` (several processes, gloo or NCCL) each
+process trains its slice of every batch; gradients are averaged before each optimizer step, and
+process 0 alone writes samples, checkpoints, backups and reports.
+
+    python -m likeness.trainer.loop PROFILE [training.epochs=2 ...]      # after `likeness prepare`
+    accelerate launch --num_processes 2 --cpu -m likeness.trainer.loop demo-cpu
+
+    result = train(settings, log=print, sinks=[TensorBoardSink(...)])
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from likeness.trainer.backup import Backup, latest_backup, restore_rng, save_backup
+from likeness.trainer.checkpoint import CheckpointInfo, checkpoint_filename, save_checkpoint
+from likeness.trainer.conditioning import EncoderOutput, encode_prompt
+from likeness.trainer.content import HashIndex, digest_parts, file_digest, folder_digest, model_fingerprint
+from likeness.trainer.distributed import Processes, average_gradients, mean_over_processes, start_processes
+from likeness.trainer.ema import EMA
+from likeness.trainer.intervals import Interval
+from likeness.trainer.loss import diffusion_losses
+from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine
+from likeness.trainer.models import load_sdxl_pipeline
+from likeness.trainer.noise import add_noise, step_generator, training_scheduler
+from likeness.trainer.optimizer import (
+    PARTS, FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
+)
+from likeness.trainer.sampling import generate, sample_filename, save_sample
+from likeness.trainer.settings import Settings
+from likeness.trainer.train_data import Batch, TrainData
+from likeness.trainer.workspace import Workspace
+
+TRAIN_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOSS_TABLE, LOSS_CURVE = "loss.csv", "loss.png"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    path: Path
+    sha256: str
+    epoch: int
+    step: int
+
+
+@dataclass
+class TrainResult:
+    checkpoints: list[SavedCheckpoint]
+    final_checkpoint: Path
+    steps: int
+    epochs: int
+    loss_table: Path
+    loss_curve: Path
+    resumed_from: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        resumed = f", resumed from {self.resumed_from.name}" if self.resumed_from else ""
+        return (f"train: {self.steps} steps, {self.epochs} epochs{resumed}; {len(self.checkpoints)} checkpoint(s), "
+                f"final {self.final_checkpoint}")
+
+
+# --- settings and data fingerprints ----------------------------------------------------------
+
+
+def training_relevant(settings: Settings) -> dict[str, Any]:
+    """The settings that change the trained weights (not sampling, saving, backups or run mechanics)."""
+    relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
+    relevant["training"].pop("iterations_per_second")
+    relevant["seed"] = settings.run.seed
+    relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
+    return relevant
+
+
+def training_fingerprint(settings: Settings, ws: Workspace) -> str:
+    """What a backup must match to be resumed: training settings, the data read, the base model."""
+    index = HashIndex(ws.hash_index)
+    base = model_fingerprint(settings.model.base_model, index)
+    index.save()  # a multi-GB base model is hashed once, then known by its size and mtime
+    return digest_parts("train", TRAIN_VERSION, training_relevant(settings), file_digest(ws.manifest),
+                        file_digest(ws.latents_index), base)
+
+
+def train_key(settings: Settings, ws: Workspace) -> str:
+    """Cache key of the whole training stage: the fingerprint plus what decides the outputs written."""
+    outputs = settings.model_dump(mode="json", include={"sampling", "saving"})
+    return digest_parts("train-stage", training_fingerprint(settings, ws), outputs, str(ws.root))
+
+
+def settings_hash(settings: Settings) -> str:
+    return digest_parts(settings.model_dump(mode="json"))[:16]
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def load_models(settings: Settings, device: torch.device) -> tuple[Any, list[str]]:
+    """The pipeline with each part in its weight dtype on `device`, and the parts that train."""
+    training = settings.training
+    pipe = load_sdxl_pipeline(settings.model.base_model, config=settings.model.config, torch_dtype=torch.float32)
+    # torch's own `to`: diffusers' override warns about fp32-only modules that SDXL does not have.
+    torch.nn.Module.to(pipe.vae, device, DTYPES[training.vae.weight_dtype]).requires_grad_(False).eval()
+    trained = [part for part in PARTS if getattr(training, part).train]
+    for part in PARTS:
+        module = getattr(pipe, part)
+        torch.nn.Module.to(module, device, DTYPES[getattr(training, part).weight_dtype]).requires_grad_(part in trained)
+        module.train(part in trained)
+    if training.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for part in ("text_encoder", "text_encoder_2"):
+            if part in trained:
+                encoder = getattr(pipe, part)  # transformers 5 renamed it; older versions have the old name
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+    return pipe, trained
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything one run holds; `train()` below drives it epoch by epoch."""
+
+    def __init__(self, settings: Settings, procs: Processes, log: Log, sinks: Sequence[MetricsSink]) -> None:
+        self.settings, self.procs, self.sinks = settings, procs, list(sinks)
+        self.log = log if procs.main else (lambda message: None)
+        self.ws = Workspace.from_settings(settings)
+        self.data = TrainData(self.ws, settings, procs.world_size, procs.rank)
+        self.pipe, self.trained = load_models(settings, procs.device)
+        self.params = {part: [p for p in getattr(self.pipe, part).parameters() if p.requires_grad] for part in self.trained}
+        self.all_params = [p for part in self.trained for p in self.params[part]]
+        self.optimizer = build_optimizer(self.params, settings)
+        self.accumulation = settings.training.gradient_accumulation_steps
+        self.fused = self._fused_back_pass()
+        self.total_steps = self.data.total_steps(settings.training.epochs, self.accumulation)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, settings.schedule, self.total_steps)
+        ema = settings.training.ema
+        self.ema = EMA(self.all_params, ema.decay, ema.update_step_interval, ema.on_cpu) if ema.enabled else None
+        self.noise_scheduler = training_scheduler(self.pipe.scheduler.config)
+        self.scaling = self.pipe.vae.config.scaling_factor
+        self.step, self.losses = 0, LossLog()
+        self.fingerprint = training_fingerprint(settings, self.ws) if procs.main else ""
+        self.saved: list[SavedCheckpoint] = []
+        self.samples: list[Path] = []
+        s = settings
+        self.sample_timer = Interval(s.sampling.every, s.sampling.unit)
+        self.save_timer = Interval(s.saving.every, s.saving.unit, s.saving.skip_first)
+        self.backup_timer = Interval(s.backups.every, s.backups.unit)
+
+    def _fused_back_pass(self) -> FusedBackPass | None:
+        if not self.settings.optimizer.fused_back_pass:
+            return None
+        if self.procs.world_size > 1:
+            # Each hook would step its parameter before the gradients of the other processes arrive.
+            self.log("warning: optimizer.fused_back_pass is off with several processes: gradients are "
+                     "averaged across processes before a normal optimizer step (more memory)")
+            return None
+        return FusedBackPass(self.optimizer, self.accumulation)
+
+    @property
+    def epoch(self) -> int:
+        return self.data.sampler.position.epoch
+
+    # --- resume and backups ------------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Load the newest complete backup with this run's fingerprint (process 0 finds it, all load it)."""
+        found: list[Any] = [latest_backup(self.ws.backups, self.fingerprint) if self.procs.main else None]
+        if self.procs.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        backup: Backup | None = found[0]
+        if backup is None:
+            return None
+        for part in self.trained:
+            getattr(self.pipe, part).load_state_dict(backup.weights(part))
+        objects = backup.objects()
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        self.data.sampler.load_state_dict(objects["sampler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(objects["ema"])
+        self.step, self.losses = backup.step, LossLog(objects["losses"])
+        restore_rng(objects["rng"])
+        self.log(f"resumed from {backup.path} (step {self.step}, epoch {self.epoch})")
+        return backup.path
+
+    def backup(self) -> None:
+        if self.procs.main:
+            weights = {part: getattr(self.pipe, part).state_dict() for part in self.trained}
+            objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                       "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
+                       "ema": self.ema.state_dict() if self.ema is not None else None}
+            path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,
+                               objects=objects, progress={"epoch": self.epoch, "step": self.step},
+                               keep=self.settings.backups.rolling_count)
+            self.log(f"backup {path}")
+        self.procs.barrier()
+
+    # --- one optimizer step ------------------------------------------------------------------
+
+    def forward_backward(self, batch: Batch, micro_step: int) -> float:
+        """Loss of one batch, backpropagated (scaled for accumulation); returns the unscaled mean."""
+        s, device = self.settings.training, self.procs.device
+        generator = step_generator(micro_step, self.procs.world_size, self.procs.rank, device)
+        latents = batch.latents.to(device) * self.scaling  # (B, 4, H/8, W/8)
+        noisy = add_noise(latents, self.noise_scheduler, s.noise, generator)
+        with self.autocast():
+            embeds, pooled = self._encode(batch, generator)
+            unet_dtype = self.pipe.unet.dtype
+            predicted = self.pipe.unet(
+                noisy.noisy_latents.to(unet_dtype), noisy.timesteps, embeds.to(unet_dtype),
+                added_cond_kwargs={"text_embeds": pooled.to(unet_dtype),
+                                   "time_ids": batch.time_ids.to(device, unet_dtype)},
+            ).sample  # (B, 4, H/8, W/8)
+        losses = diffusion_losses(
+            predicted, noisy.target, noisy.timesteps, self.noise_scheduler.alphas_cumprod, s.loss, s.masked_training,
+            mask=batch.masks.to(device), loss_weight=batch.loss_weight.to(device),
+            v_prediction=noisy.prediction_type == "v_prediction", generator=generator)  # (B,)
+        loss = losses.mean()
+        if loss.requires_grad:  # False only once every part has stopped training
+            (loss / self.accumulation).backward()
+        return loss.item()
+
+    def autocast(self):
+        dtype = DTYPES[self.settings.training.train_dtype]
+        return torch.autocast(self.procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def _encode(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t, device, pipe = self.settings.training, self.procs.device, self.pipe
+        cached = {part: EncoderOutput(out.hidden.to(device), None if out.pooled is None else out.pooled.to(device))
+                  for part, out in batch.cached.items()}
+        embeds, pooled = encode_prompt(
+            pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, batch.captions,
+            t.text_encoder.clip_skip, t.text_encoder_2.clip_skip,
+            cached_1=cached.get("text_encoder"), cached_2=cached.get("text_encoder_2"))  # (B, 77, W), (B, P)
+        if t.caption_dropout_probability > 0:  # dropped captions train the unconditional case: zero embeddings
+            keep = torch.rand(len(batch.captions), generator=generator, device=generator.device)
+            keep = (keep >= t.caption_dropout_probability).to(device, embeds.dtype)  # (B,)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep.to(pooled.dtype)[:, None]
+        return embeds, pooled
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Average gradients across processes, step (unless fused), advance the LR, update EMA and parts."""
+        lrs = {f"lr_{group['part']}": float(group["lr"]) for group in self.optimizer.param_groups}
+        if self.fused is None and self.procs.world_size > 1:
+            average_gradients([p for p in self.all_params if p.requires_grad], self.procs.world_size)
+        self.optimizer.step()  # with the fused back pass every gradient is already applied and freed
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.all_params, self.step)
+        self.step += 1
+        set_trained_parts(self.optimizer, parts_to_train(self.settings.training, self.epoch, self.step))
+        return lrs
+
+    # --- samples and checkpoints -------------------------------------------------------------
+
+    def averaged(self):
+        """Sampling and saving use the EMA weights when EMA is on (as OneTrainer)."""
+        return self.ema.applied_to(self.all_params) if self.ema is not None else nullcontext()
+
+    def sample(self, epoch: int) -> None:
+        if self.procs.main:
+            s = self.settings.sampling
+            seeds = [random.SystemRandom().randrange(2**31) if p.random_seed else p.seed for p in s.prompts]
+            with self.averaged(), self.autocast():
+                images = generate(self.pipe, [p.prompt for p in s.prompts], [p.negative_prompt for p in s.prompts],
+                                  seeds, steps=s.steps, cfg=s.cfg_scale, sampler=s.sampler,
+                                  resolution=s.resolution or self.settings.resize.resolution,
+                                  clip_skip_1=self.settings.training.text_encoder.clip_skip,
+                                  clip_skip_2=self.settings.training.text_encoder_2.clip_skip)
+            for index, image in enumerate(images):
+                path = save_sample(image, self.ws.samples / sample_filename(self.step, epoch, index, s.image_format))
+                self.samples.append(path)
+                for sink in self.sinks:
+                    sink.image(self.step, f"sample/{index:02d}", image)
+            self.log(f"samples at step {self.step}, epoch {epoch}: {len(images)} image(s) in {self.ws.samples}")
+        self.procs.barrier()
+
+    def save(self, epoch: int, at_epoch_end: bool) -> None:
+        if self.settings.backups.before_save:
+            self.backup()
+        if self.procs.main:
+            s = self.settings.saving
+            name = checkpoint_filename(s.prefix, epoch, s.format)
+            if not at_epoch_end:  # a STEP / MINUTE save: <prefix>-<epoch>-step<step>, names stay apart
+                name = f"{s.prefix}-{epoch}-step{self.step}" + (".safetensors" if s.format == "safetensors" else "")
+            info = CheckpointInfo(str(self.settings.model.base_model), epoch, self.step, settings_hash(self.settings))
+            with self.averaged():
+                path = save_checkpoint(self.pipe, self.ws.checkpoints / name, info, self.settings.training.output_dtype,
+                                       s.format)
+            digest = file_digest(path) if path.is_file() else folder_digest(path, HashIndex())
+            self.saved.append(SavedCheckpoint(path, digest, epoch, self.step))
+            self.log(f"saved {path}")
+        self.procs.barrier()
+
+    def reports(self) -> tuple[Path, Path]:
+        table, curve = self.ws.report(LOSS_TABLE), self.ws.report(LOSS_CURVE)
+        if self.procs.main:
+            self.losses.write_csv(table)
+            if self.losses.rows:
+                self.losses.plot(curve, title=f"{self.settings.run.name}: training loss")
+        return table, curve
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def train_epoch(t: Trainer, progress: ProgressLine) -> bool:
+    """The rest of the current epoch: batches, accumulation, optimizer steps and the step timers.
+
+    Returns whether a step timer asked for a backup after the epoch's last step: it is taken after
+    the end-of-epoch samples and saves, so a resumed run never skips them.
+    """
+    epoch, micro, total, backup_due = t.epoch, 0, 0.0, False
+    for samples in t.data.sampler:
+        total += t.forward_backward(t.data.load(samples, epoch), t.step * t.accumulation + micro)
+        micro += 1
+        if micro < t.accumulation:
+            continue
+        lrs = t.optimizer_step()
+        loss = mean_over_processes(total / t.accumulation, t.procs)
+        micro, total = 0, 0.0
+        t.losses.add(step=t.step, epoch=epoch, loss=loss, **lrs)
+        for sink in t.sinks:
+            sink.scalars(t.step, {"loss": loss, **lrs})
+        progress.update(t.step, t.epoch, loss)
+        if t.sample_timer.after_step(t.step):
+            t.sample(t.epoch)
+        if t.save_timer.after_step(t.step):
+            t.save(t.epoch, at_epoch_end=False)
+        backup_due = t.backup_timer.after_step(t.step)
+        if backup_due and t.epoch == epoch:
+            t.backup()
+            backup_due = False
+    return backup_due
+
+
+def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] = ()) -> TrainResult:
+    """Train (or finish training) the run `settings` describes; see the module docstring."""
+    procs = start_processes(settings.run.device)
+    t = Trainer(settings, procs, log, sinks)
+    resumed = t.resume()
+    set_trained_parts(t.optimizer, parts_to_train(settings.training, t.epoch, t.step))
+    epochs = settings.training.epochs
+    t.log(f"training {', '.join(t.trained)} for {epochs} epochs, {t.total_steps} steps on {procs.device}"
+          f" ({procs.world_size} process(es)); {len(t.data.rows)} images")
+    if resumed is None and settings.sampling.at_start and settings.sampling.unit != "NEVER":
+        t.sample(0)
+    progress = ProgressLine(t.log, t.total_steps, epochs, procs.device, first_step=t.step)
+    while t.epoch < epochs:
+        backup_due = train_epoch(t, progress)
+        done = t.epoch  # epochs complete
+        progress.update(t.step, done, t.losses.rows[-1]["loss"] if t.losses.rows else float("nan"), force=True)
+        if t.sample_timer.after_epoch(done):
+            t.sample(done)
+        if done < epochs and t.save_timer.after_epoch(done):
+            t.save(done, at_epoch_end=True)
+        if done < epochs and (t.backup_timer.after_epoch(done) or backup_due):
+            t.backup()
+    final = save_final(t)
+    table, curve = t.reports()
+    for sink in t.sinks:
+        sink.close()
+    return TrainResult(t.saved, final, t.step, epochs, table, curve, resumed, t.samples)
+
+
+def save_final(t: Trainer) -> Path:
+    """The checkpoint of the last epoch (always written, also when a timer saved it just before)."""
+    s = t.settings.saving
+    path = t.ws.checkpoints / checkpoint_filename(s.prefix, t.settings.training.epochs, s.format)
+    if not any(c.path == path for c in t.saved):
+        t.save(t.settings.training.epochs, at_epoch_end=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m likeness.trainer.loop PROFILE [key=value ...]` (the overrides as `--set` takes them)."""
+    from likeness.trainer.profiles import load_profile
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO)
+    result = train(load_profile(argv[0] if argv else "demo-cpu", argv[1:]))
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    main()
