@@ -92,11 +92,24 @@ def tiny_models(
 
 @app.command()
 def demo(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
-    """Run the demo on the embedded defaults: tiny models, CPU, a few minutes."""
+    """Run the whole pipeline on the embedded defaults: tiny models, demo photos, CPU, a few minutes."""
     from likeness.demo import run_demo
 
-    result = run_demo(_settings(profile, set_), echo=typer.echo)
+    settings = _settings(profile, set_)
+    try:
+        result = _run_prepare(profile, lambda: run_demo(settings, echo=typer.echo))
+    except ValueError as exc:
+        _fail(str(exc))
     typer.echo(result.summary())
+
+
+@app.command()
+def run(profile: ProfileOption = "sdxl-person", set_: SetOption = None) -> None:
+    """Run the whole pipeline: prepare -> train -> evaluate -> select, each stage cached."""
+    from likeness.flows.pipeline import pipeline
+
+    settings = _settings(profile, set_)
+    typer.echo(_run_prepare(profile, lambda: pipeline(settings)).summary())
 
 
 StageArgument = Annotated[str, typer.Argument(help="scan, resize, masks, captions, balance, manifest or latents.")]
@@ -124,6 +137,14 @@ def stage(name: StageArgument, profile: ProfileOption = "demo-cpu", set_: SetOpt
     typer.echo(_run_prepare(profile, lambda: prepare_stage(_settings(profile, set_), name)).summary())
 
 
+@app.command()
+def train(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
+    """Fine-tune on the prepared dataset (run `likeness prepare` first); resumes from the last backup."""
+    from likeness.flows.train import train as train_flow
+
+    typer.echo(_run_prepare(profile, lambda: train_flow(_settings(profile, set_))).summary())
+
+
 def _run_prepare(profile: str, run):
     """Run a prepare flow; a problem with the data or settings exits 2 with its message."""
     from likeness.trainer.stages import PrepareError
@@ -132,3 +153,129 @@ def _run_prepare(profile: str, run):
         return run()
     except PrepareError as exc:
         _fail(str(exc).replace("<profile>", profile))
+
+
+# --- operating from the Prefect UI (docs/operations.md) --------------------------------------
+
+
+@app.command()
+def serve(profile: ProfileOption = "demo-cpu", set_: SetOption = None,
+          limit: Annotated[int | None, typer.Option(help="Most flow runs at once (default: no limit).")] = None) -> None:
+    """Serve every deployment from this process (the profile is their default parameter); Ctrl-C stops."""
+    import os
+
+    # before Prefect is imported and configures its logging; the flow-run subprocesses inherit it
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "diffusers,transformers")
+    from likeness.deployments.catalog import serve_all
+
+    serve_all(_settings(profile, set_), profile, set_ or [], limit=limit)
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the UI and API to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI and API.")] = 4200,
+) -> None:
+    """Start a local Prefect server (UI + API) bound to 127.0.0.1, analytics off; Ctrl-C stops."""
+    import signal
+    import sys
+
+    from likeness.deployments.server import start_server, stop, ui_url, wait_healthy
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host}: the UI and API (no login) are reachable from the network",
+                    fg=typer.colors.YELLOW, err=True)
+    proc = start_server(host, port, log=None, wait=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminated CLI stops its server too
+    try:
+        wait_healthy(host, port, proc)
+        typer.echo(f"Prefect UI:  {ui_url(host, port)}\nAPI:         {ui_url(host, port)}/api\n"
+                   f"Clients:     export PREFECT_API_URL={ui_url(host, port)}/api", color=False)
+        sys.stdout.flush()
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(proc)
+
+
+@app.command()
+def watch(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
+    """Check the concept folders once: announce a retraining if they changed since the last training."""
+    from likeness.flows.watch import watch_dataset
+    from likeness.trainer.fingerprint import FingerprintError
+
+    try:
+        result = watch_dataset(_settings(profile, set_))
+    except FingerprintError as exc:
+        _fail(str(exc))
+    state = "changed since the last training" if result["changed"] else "unchanged since the last training"
+    typer.echo(f"dataset {result['fingerprint'][:12]}: {state} ({result['files']} files, {result['hashed']} hashed)"
+               + ("; retraining announced" if result["announced"] else ""))
+
+
+@app.command("tensorboard")
+def tensorboard_command(
+    profile: ProfileOption = "demo-cpu",
+    set_: SetOption = None,
+    start: Annotated[bool, typer.Option("--start", help="Start the viewer, bound to 127.0.0.1; Ctrl-C stops.")] = False,
+    port: Annotated[int, typer.Option(help="Port of the viewer.")] = 6006,
+) -> None:
+    """Print where the run's TensorBoard logs are and the command that shows them; --start runs it."""
+    import shlex
+    import subprocess
+
+    from likeness.trainer.tensorboard import TensorBoardMissing, require_tensorboard, viewer_command
+    from likeness.trainer.workspace import Workspace
+
+    settings = _settings(profile, set_)
+    logdir = Workspace.from_settings(settings).tensorboard
+    command = viewer_command(logdir, port)
+    typer.echo(f"logdir:  {logdir}\ncommand: {shlex.join(command)}")
+    if not settings.training.tensorboard:
+        typer.secho("note: training.tensorboard is off in these settings, so training writes no logs there "
+                    "(--set training.tensorboard=true)", fg=typer.colors.YELLOW, err=True)
+    if start:
+        try:
+            require_tensorboard()
+        except TensorBoardMissing as exc:
+            _fail(str(exc))
+        typer.echo(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops)")
+        try:
+            subprocess.run(command, check=False)
+        except KeyboardInterrupt:
+            pass
+
+
+CheckpointOption = Annotated[
+    list[Path] | None,
+    typer.Option("--checkpoint", "-c", help="A checkpoint to evaluate (repeatable); default: every one in workspace/save."),
+]
+
+
+@app.command()
+def evaluate(profile: ProfileOption = "demo-cpu", set_: SetOption = None, checkpoint: CheckpointOption = None) -> None:
+    """Grid of every checkpoint x prompts x seeds (base model first) and scores per checkpoint (cached)."""
+    from likeness.flows.evaluate import evaluate as evaluate_flow
+    from likeness.trainer.evaluate import read_eval_table
+
+    paths = [str(p) for p in checkpoint] if checkpoint else None
+    results = _run_prepare(profile, lambda: evaluate_flow(_settings(profile, set_), paths))
+    for result in results.values():
+        typer.echo(result.summary())
+    grids = read_eval_table(results["grid"])["extra"]["grids"]
+    typer.echo(f"grids:  {', '.join(grids)}")
+    typer.echo(f"scores: {results['scores'].table.with_suffix('.csv')}")
+
+
+@app.command("select")
+def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
+    """Pick the best checkpoint from the evaluation scores and copy it to the output destination."""
+    from likeness.flows.evaluate import select as select_flow
+    from likeness.trainer.evaluate import read_eval_table
+
+    extra = read_eval_table(_run_prepare(profile, lambda: select_flow(_settings(profile, set_))))["extra"]
+    for warning in extra["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(extra["reason"])
+    typer.echo(f"chosen: {extra['copied']}\nreport: {extra['report']}\nplot:   {extra['plot']}")

@@ -1,0 +1,69 @@
+"""The whole pipeline: photos -> prepared dataset -> checkpoints -> grid and scores -> the chosen one.
+
+prepare -> train -> evaluate -> select, each the flow of its own stage (so each shows as a subflow
+in the Prefect UI and runs alone too), each cached by content: a second run with nothing changed
+finishes with everything `Cached`; a run after adding one evaluation prompt only generates that
+prompt's images; a changed photo redoes that photo, then training and what follows.
+
+    likeness run --profile demo-cpu
+    python -m likeness.flows.pipeline PROFILE [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from likeness.flows.evaluate import evaluate, select
+from likeness.flows.prepare import prepare
+from likeness.flows.train import train
+from likeness.trainer.evaluate import read_eval_table
+from likeness.trainer.settings import Settings
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Where the run's products are."""
+
+    chosen: Path
+    source: Path
+    reason: str
+    report: Path
+    grids: list[Path]
+    checkpoints: list[Path]
+
+    def summary(self) -> str:
+        return "\n".join([
+            f"chosen checkpoint: {self.chosen}  (from {self.source.name})",
+            f"why:               {self.reason}",
+            f"report:            {self.report}",
+            f"grids:             {', '.join(str(g) for g in self.grids)}",
+            f"all checkpoints:   {', '.join(p.name for p in self.checkpoints)}",
+        ])
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(settings: Settings) -> PipelineResult:
+    """Prepare the photos, train, evaluate every checkpoint, select the best one."""
+    logger = get_run_logger()
+    prepare(settings)
+    trained = train(settings)
+    checkpoints = [c.path for c in trained.checkpoints]
+    logger.info("trained: %s", trained.summary())
+    evaluated = evaluate(settings, checkpoints=[str(p) for p in checkpoints])
+    selected = read_eval_table(select(settings))["extra"]
+    grids = read_eval_table(evaluated["grid"])["extra"]["grids"]
+    result = PipelineResult(chosen=Path(selected["copied"]), source=Path(selected["source"]),
+                            reason=selected["reason"], report=Path(selected["report"]),
+                            grids=[Path(g) for g in grids], checkpoints=checkpoints)
+    logger.info("pipeline done:\n%s", result.summary())
+    return result
+
+
+if __name__ == "__main__":
+    from likeness.trainer.profiles import load_profile
+
+    print(pipeline(load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])).summary())
