@@ -23,7 +23,7 @@ def test_installed_console_script_lists_its_commands():
 
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "likeness", "profiles"], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["demo-cpu", "sdxl-person"]
+    assert out.stdout.split() == ["demo-cpu", "sd15-person", "sdxl-person"]
 
 
 def test_settings_shows_overrides():

@@ -67,17 +67,16 @@ def test_imported_profile_loads_back(tmp_path, reference):
 
 def test_unsupported_settings_are_listed(tmp_path, reference):
     config = copy.deepcopy(reference)
-    config.update(tensorboard=True, aspect_ratio_bucketing=True, loss_scaler="BATCH", foo_bar=3,
+    config.update(tensorboard=True, loss_scaler="BATCH", foo_bar=3,
                   learning_rate_scheduler="REX", rolling_backup=False, backup_after_unit="MINUTE")
-    config["concepts"][0]["image"]["enable_random_flip"] = True
-    config["concepts"][0]["text"]["enable_tag_shuffling"] = True
+    config["concepts"][0]["image"]["enable_resolution_override"] = True
     config["optimizer"]["nesterov"] = True
     config["samples"][1]["cfg_scale"] = 5.0
     warnings = "\n".join(import_onetrainer(write(tmp_path, config)).warnings)
-    for expected in ["tensorboard = true", "aspect_ratio_bucketing = true", 'loss_scaler = "BATCH"',
+    for expected in ["tensorboard = true", 'loss_scaler = "BATCH"',
                      "foo_bar = 3: unknown OneTrainer setting", 'learning_rate_scheduler = "REX"',
-                     "rolling_backup = false", "concepts[0].image.enable_random_flip = true",
-                     "concepts[0].text.enable_tag_shuffling = true", "optimizer.nesterov = true",
+                     "rolling_backup = false", "concepts[0].image.enable_resolution_override = true",
+                     "optimizer.nesterov = true",
                      "samples[*].cfg_scale: differs"]:
         assert expected in warnings
 
@@ -93,7 +92,7 @@ def test_adamw_maps_its_own_fields(tmp_path, reference):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"model_type": "STABLE_DIFFUSION_15"}, "model_type 'STABLE_DIFFUSION_15' is not supported"),
+        ({"model_type": "STABLE_DIFFUSION_20"}, "model_type 'STABLE_DIFFUSION_20' is not supported"),
         ({"training_method": "LORA"}, "training_method 'LORA' is not supported"),
         ({"__version": 3}, "__version 3 is not supported"),
         ({"concepts": []}, "no concepts"),
@@ -110,3 +109,63 @@ def test_not_json_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(OneTrainerImportError, match="config.json: not valid JSON"):
         import_onetrainer(bad)
+
+
+# --- SD 1.5 configs, aspect bucketing, image augmentations, tag shuffling (issue 7) ------------
+
+
+def test_stable_diffusion_15_config_imports_as_sd15(tmp_path, reference):
+    config = copy.deepcopy(reference) | {"model_type": "STABLE_DIFFUSION_15", "resolution": "512", "ema": "GPU",
+                                         "base_model_name": "/models/realisticVision.safetensors"}
+    config["text_encoder_2"] = {**config["text_encoder_2"], "train": True, "weight_dtype": "FLOAT_8"}
+    result = import_onetrainer(write(tmp_path, config))
+    s = result.settings
+    assert result.warnings == []  # TE2's section (even an unknown dtype) means nothing for SD 1.5
+    assert (s.model.model_type, s.resize.resolution, s.training.ema.enabled) == ("sd15", 512, True)
+    assert s.training.text_encoder.train and not s.training.text_encoder_2.train
+    sdxl = import_onetrainer(write(tmp_path, reference)).settings
+    assert sdxl.model.model_type == "sdxl"
+
+
+def test_aspect_ratio_bucketing_maps_to_bucket_mode(tmp_path, reference):
+    assert import_onetrainer(write(tmp_path, reference)).settings.resize.mode == "pad"
+    result = import_onetrainer(write(tmp_path, reference | {"aspect_ratio_bucketing": True}))
+    assert result.settings.resize.mode == "bucket" and result.warnings == []
+
+
+def test_image_augmentations_map_to_the_concept(tmp_path, reference):
+    config = copy.deepcopy(reference)
+    config["concepts"][0]["image"].update(
+        enable_crop_jitter=True, enable_random_flip=True, enable_fixed_rotate=True, random_rotate_max_angle=12.0,
+        enable_random_brightness=True, random_brightness_max_strength=0.2, enable_random_contrast=True,
+        random_contrast_max_strength=0.3, enable_fixed_saturation=True, enable_random_saturation=True,
+        random_saturation_max_strength=0.1, enable_random_hue=True, random_hue_max_strength=0.05,
+        enable_random_mask_rotate_crop=True, enable_random_circular_mask_shrink=True)
+    result = import_onetrainer(write(tmp_path, config))
+    assert result.warnings == []
+    aug = result.settings.concepts[0].augmentations
+    assert aug.crop_jitter and aug.mask_rotate_crop and aug.circular_mask_shrink
+    assert (aug.flip, aug.rotate, aug.rotate_max_angle) == ("random", "fixed", 12.0)
+    assert (aug.brightness, aug.brightness_max_strength, aug.contrast, aug.contrast_max_strength) == (
+        "random", 0.2, "random", 0.3)
+    assert (aug.saturation, aug.saturation_max_strength) == ("fixed", 0.1)  # fixed wins over random
+    assert (aug.hue, aug.hue_max_strength) == ("random", 0.05)
+    untouched = result.settings.concepts[1].augmentations
+    assert untouched.flip == "off" and not untouched.crop_jitter
+
+
+def test_an_out_of_range_strength_is_a_clear_error(tmp_path, reference):
+    config = copy.deepcopy(reference)
+    config["concepts"][0]["image"].update(enable_random_hue=True, random_hue_max_strength=0.9)
+    with pytest.raises(OneTrainerImportError, match="hue_max_strength"):
+        import_onetrainer(write(tmp_path, config))
+
+
+def test_tag_shuffling_maps_to_the_caption_source(tmp_path, reference):
+    config = copy.deepcopy(reference)
+    config["concepts"][0]["text"].update(enable_tag_shuffling=True, tag_delimiter=";", keep_tags_count=2)
+    result = import_onetrainer(write(tmp_path, config))
+    caption = result.settings.concepts[0].caption
+    assert result.warnings == []
+    assert (caption.shuffle_tags, caption.tag_delimiter, caption.keep_tags) == (True, ";", 2)
+    assert not result.settings.concepts[1].caption.shuffle_tags

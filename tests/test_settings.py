@@ -173,3 +173,24 @@ def test_broken_toml_names_the_file(tmp_path):
 
 def test_key_path_parsing():
     assert parse_key_path("concepts[1].caption.text") == ["concepts", 1, "caption", "text"]
+
+
+def test_sd15_profile_is_the_reference_workflow_at_512_with_ema():
+    s = load_profile("sd15-person")
+    assert "sd15-person" in available_profiles() and s.run.name == "sd15-person"
+    assert (s.model.model_type, s.resize.resolution, s.sampling.resolution, s.evaluation.resolution) == (
+        "sd15", 512, 512, 512)
+    assert s.training.ema.enabled and s.training.ema.decay == 0.999
+    assert (s.training.unet.learning_rate, s.training.text_encoder.learning_rate) == (1e-5, 3e-6)
+    assert s.training.text_encoder.train and s.training.masked_training.unmasked_weight == 0.6
+    assert (s.optimizer.name, s.optimizer.adafactor.eps, s.optimizer.weight_decay) == ("ADAFACTOR", 1e-30, 0.01)
+    person, reg = s.concepts
+    assert person.caption.text == "ohwx man" and reg.balancing == "auto"
+
+
+def test_model_type_accepts_auto_sdxl_and_sd15_only():
+    assert Settings().model.model_type == "sdxl"
+    for value in ("auto", "sdxl", "sd15"):
+        assert validate_settings({"model": {"model_type": value}}).model.model_type == value
+    with pytest.raises(SettingsError, match="model.model_type"):
+        validate_settings({"model": {"model_type": "sd21"}})

@@ -1,5 +1,5 @@
-"""SDXL conditioning, the one copy: text embeddings and size/crop time ids for training, sampling,
-evaluation and the latent cache alike (no drift between them).
+"""SDXL and SD 1.5 conditioning, the one copy: text embeddings and size/crop time ids for training,
+sampling, evaluation and the latent cache alike (no drift between them).
 
 Text (as OneTrainer and diffusers' SDXL pipeline): both tokenizers pad/truncate to 77 tokens;
 each encoder contributes `hidden_states[-(2 + clip_skip)]` (the penultimate layer at clip skip 0,
@@ -15,6 +15,11 @@ width) order, as diffusers' `StableDiffusionXLPipeline._get_add_time_ids` builds
     embeds, pooled = encode_prompt(pipe.text_encoder, pipe.text_encoder_2,
                                    pipe.tokenizer, pipe.tokenizer_2, ["photo of ohwx man"])
     add_time_ids = time_ids((1024, 1024), (0, 0), (1024, 1024))               # (1, 6)
+
+SD 1.5 (`encode_prompt_sd15`): one encoder, `final_layer_norm(hidden_states[-(1 + clip_skip)])`
+(the last layer at clip skip 0), no pooled embeddings, no time ids.
+
+    embeds = encode_prompt_sd15(pipe.text_encoder, pipe.tokenizer, ["photo of ohwx man"])  # (1, 77, W)
 """
 
 from __future__ import annotations
@@ -116,3 +121,44 @@ def _pairs(value: Size, name: str) -> torch.Tensor:
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"time_ids: {name} must be an (h, w) pair or a list of them, got shape {tuple(pairs.shape)}")
     return pairs  # (B or 1, 2)
+
+
+# --- SD 1.5: one text encoder, no pooled embeddings, no time ids ------------------------------
+
+
+def encode_tokens_sd15(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int = 0) -> EncoderOutput:
+    """SD 1.5's text conditioning: `final_layer_norm(hidden_states[-(1 + clip_skip)])`, no pooled output.
+
+    Clip skip 0 is the last layer (A1111's "clip skip 1"), as diffusers' StableDiffusionPipeline and
+    OneTrainer's SD 1.5 model encode it; unlike SDXL the final layer norm is applied.
+    """
+    layers = text_encoder.config.num_hidden_layers
+    if not 0 <= clip_skip <= layers - 1:
+        raise ValueError(f"clip_skip {clip_skip} is out of range for a text encoder with {layers} layers "
+                         f"(0 to {layers - 1})")
+    trained = any(p.requires_grad for p in text_encoder.parameters())
+    with nullcontext() if trained else torch.no_grad():
+        out = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+        hidden = _final_layer_norm(text_encoder)(out.hidden_states[-(1 + clip_skip)])
+    return EncoderOutput(hidden=hidden)  # (B, 77, W)
+
+
+def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 keeps it on CLIPTextModel itself; older versions under `.text_model`."""
+    norm = getattr(text_encoder, "final_layer_norm", None)
+    return norm if norm is not None else text_encoder.text_model.final_layer_norm
+
+
+def encode_text_sd15(text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                     clip_skip: int = 0) -> EncoderOutput:
+    return encode_tokens_sd15(text_encoder, tokenize(tokenizer, prompts), clip_skip)
+
+
+def encode_prompt_sd15(text_encoder: torch.nn.Module | None, tokenizer: Any, prompts: Sequence[str],
+                       clip_skip: int = 0, *, cached: EncoderOutput | None = None) -> torch.Tensor:
+    """SD 1.5 prompt embeddings (B, 77, W); with a `cached` output the encoder is not run (it may be None)."""
+    if cached is not None:
+        return cached.hidden
+    if text_encoder is None or tokenizer is None:
+        raise ValueError("text_encoder: give the encoder and its tokenizer, or its cached output")
+    return encode_text_sd15(text_encoder, tokenizer, prompts, clip_skip).hidden

@@ -18,7 +18,9 @@ are frozen (`training.text_encoder(_2).train = false`; TE2 only by default):
     text_encoder_2_pooled  (P,)      TE2's projected pooled output
 in the encoder's weight dtype, computed by `conditioning.encode_text` (the one copy training and
 sampling use); key = sha256(stage version, caption, each frozen encoder's weights + tokenizer hash,
-clip skip, dtype). Identical content shares one file.
+clip skip, dtype). Identical content shares one file. SD 1.5 (`settings_family`) has one encoder: only
+`text_encoder_hidden`, from `conditioning.encode_text_sd15` (last layer, final layer norm), when
+text_encoder.train is false. The VAE's scaling factor is read from its config at train time.
 
 `workspace/latents.csv` maps the manifest to them, one row per (image, image variation, text variation):
 id, variation (the text variation), caption, latent_path, text_path (empty when no encoder is
@@ -50,7 +52,7 @@ from safetensors.torch import load_file, save
 
 from likeness.trainer.augment import Augmented, augment, is_active, is_random, variation_rng
 from likeness.trainer.buckets import Bucket
-from likeness.trainer.conditioning import EncoderOutput, encode_text, time_ids
+from likeness.trainer.conditioning import EncoderOutput, encode_text, encode_text_sd15, time_ids
 from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.trainer.devices import resolve_device
 from likeness.trainer.files import write_atomic
@@ -148,8 +150,22 @@ class Encoders:
     text: dict[str, tuple[object, object]] | None = None  # part -> (tokenizer, encoder)
 
 
+def settings_family(settings: Settings) -> str:
+    """"sdxl" or "sd15": settings.model.model_type, detected from the base model when "auto"."""
+    if settings.model.model_type != "auto":
+        return settings.model.model_type
+    from likeness.trainer.models import resolve_family
+
+    return resolve_family("auto", settings.model.base_model, settings.model.config)
+
+
+def model_parts(settings: Settings) -> list[str]:
+    """The text encoders the model has: SD 1.5 has one (text_encoder_2 settings are ignored)."""
+    return ["text_encoder"] if settings_family(settings) == "sd15" else list(ENCODERS)
+
+
 def frozen_encoders(settings: Settings) -> list[str]:
-    return [part for part in ENCODERS if not getattr(settings.training, part).train]
+    return [part for part in model_parts(settings) if not getattr(settings.training, part).train]
 
 
 def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: str) -> Encoders:
@@ -157,17 +173,22 @@ def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: 
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from likeness.trainer.models import check_diffusers_sdxl_folder, is_single_file, load_sdxl_pipeline
+    from likeness.trainer.models import (
+        check_diffusers_sd15_folder,
+        check_diffusers_sdxl_folder,
+        is_single_file,
+        load_pipeline,
+    )
 
-    base, resolved = settings.model.base_model, resolve_device(device)
+    base, resolved, family = settings.model.base_model, resolve_device(device), settings_family(settings)
     dtypes = {part: DTYPES[getattr(settings.training, part).weight_dtype] for part in parts}
     if is_single_file(base):  # components cannot be read alone from an original-layout file
-        pipe = load_sdxl_pipeline(base, config=settings.model.config, torch_dtype=torch.float32)
+        pipe = load_pipeline(base, family, config=settings.model.config, torch_dtype=torch.float32)
         vae = pipe.vae if need_vae else None
         text = {p: (getattr(pipe, ENCODERS[p][1]), getattr(pipe, p).to(dtypes[p])) for p in parts}
     else:
         if Path(base).is_dir():
-            check_diffusers_sdxl_folder(Path(base))
+            (check_diffusers_sd15_folder if family == "sd15" else check_diffusers_sdxl_folder)(Path(base))
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32) if need_vae else None
         classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
         text = {p: (AutoTokenizer.from_pretrained(base, subfolder=ENCODERS[p][1]),
@@ -187,8 +208,11 @@ def fingerprints(settings: Settings, index: HashIndex) -> dict:
     config = model_fingerprint(settings.model.config, index) if settings.model.config else None
     text = {p: (model_fingerprint(base, index, ENCODERS[p][:2]), getattr(settings.training, p).clip_skip,
                 getattr(settings.training, p).weight_dtype) for p in frozen_encoders(settings)}
-    return {"vae": (model_fingerprint(base, index, ("vae",)), config), "text": (text, config),
-            "resolution": settings.resize.resolution}
+    prints = {"vae": (model_fingerprint(base, index, ("vae",)), config), "text": (text, config),
+              "resolution": settings.resize.resolution}
+    if settings_family(settings) == "sd15":  # SD 1.5 encodes text differently; SDXL keys stay as they were
+        prints["text"] = (text, config, "sd15")
+    return prints
 
 
 def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str:
@@ -330,8 +354,9 @@ def _encode_images(batch: list[Row], vae, settings: Settings, ws: Workspace, ind
 def _encode_captions(batch: list[Row], text: dict, settings: Settings, ws: Workspace, index: HashIndex, key) -> list[Row]:
     captions = [row["caption"] for row in batch]
     tensors: list[dict[str, torch.Tensor]] = [{} for _ in batch]
+    encode = encode_text_sd15 if settings_family(settings) == "sd15" else encode_text
     for part, (tokenizer, encoder) in text.items():
-        out = encode_text(encoder, tokenizer, captions, getattr(settings.training, part).clip_skip)
+        out = encode(encoder, tokenizer, captions, getattr(settings.training, part).clip_skip)
         for i in range(len(batch)):
             tensors[i][f"{part}_hidden"] = out.hidden[i].cpu().contiguous()  # (77, W)
             if part == "text_encoder_2" and out.pooled is not None:

@@ -1,4 +1,4 @@
-"""Loading the base SDXL model, CLIPSeg, DINO and CLIP, the same way for real and tiny models.
+"""Loading the base SDXL or SD 1.5 model, CLIPSeg, DINO and CLIP, the same way for real and tiny models.
 
 `base_model` may be a diffusers folder (with model_index.json), a single-file `.safetensors` /
 `.ckpt` checkpoint (RealVisXL and friends; `config` names a diffusers folder or hub id holding
@@ -9,6 +9,7 @@ cache only.
     pipe = load_sdxl_pipeline("workspace/demo/models/sdxl")
     pipe = load_sdxl_pipeline("realvisxlV40.safetensors", config="stabilityai/stable-diffusion-xl-base-1.0",
                               torch_dtype=torch.bfloat16)
+    pipe = load_pipeline("sd15-folder-or-file", config=...)   # SDXL or SD 1.5: model_family() decides
     model, processor = load_clipseg("CIDAS/clipseg-rd64-refined")
     model, image_processor = load_dino("facebook/dino-vits16")       # evaluation: DINO likeness
     model, processor = load_clip("openai/clip-vit-large-patch14")     # evaluation: CLIP-I and CLIP-T
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from transformers import (
@@ -150,6 +151,153 @@ def _hub_kwargs(torch_dtype: torch.dtype | None, local_files_only: bool | None) 
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     return kwargs
+
+
+# --- model families: SDXL and SD 1.5 ---------------------------------------------------------
+
+Family = Literal["sdxl", "sd15"]
+SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD15_SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "cond_stage_model.transformer.")
+FAMILY_BY_PIPELINE = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+                      "StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15"}
+SET_IT = "set model.model_type to 'sdxl' or 'sd15'"
+
+
+def model_family(base_model: str | Path, config: str | Path | None = None) -> Family:
+    """"sdxl" or "sd15", from a diffusers folder's model_index.json, a single file's key names, or a
+    hub id's model_index.json (from the local cache when offline). ValueError naming the model otherwise."""
+    if is_local_path(base_model):
+        path = Path(base_model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder; give a diffusers folder, a hub id or a "
+                                    "single-file .safetensors checkpoint")
+        if path.is_dir():
+            return _family_of_index(_read_index(path / "model_index.json"), path)
+        return _family_of_single_file(path, config)
+    return _family_of_hub_id(str(base_model))
+
+
+def resolve_family(model_type: str, base_model: str | Path, config: str | Path | None = None) -> Family:
+    """settings.model.model_type as a family: "auto" detects it from the base model."""
+    if model_type in ("sdxl", "sd15"):
+        return model_type  # type: ignore[return-value]
+    if model_type != "auto":
+        raise ValueError(f"model.model_type: unknown value {model_type!r}; use 'auto', 'sdxl' or 'sd15'")
+    return model_family(base_model, config)
+
+
+def _read_index(index_file: Path) -> dict[str, Any]:
+    if not index_file.is_file():
+        raise ValueError(f"{index_file.parent}: not a diffusers folder (no model_index.json); {HOW_TO_GIVE}")
+    try:
+        return json.loads(index_file.read_text())
+    except ValueError as error:
+        raise ValueError(f"{index_file}: not valid JSON ({error})") from error
+
+
+def _family_of_index(index: dict[str, Any], where: str | Path) -> Family:
+    name = index.get("_class_name", "")
+    if name in FAMILY_BY_PIPELINE:
+        return FAMILY_BY_PIPELINE[name]  # type: ignore[return-value]
+    if index.get("text_encoder_2") not in (None, [None, None]):
+        return "sdxl"
+    if index.get("text_encoder") not in (None, [None, None]) and index.get("unet"):
+        return "sd15"
+    raise ValueError(f"{where}: cannot tell the model family of a {name or 'unknown'} pipeline; {SET_IT}")
+
+
+def _family_of_single_file(path: Path, config: str | Path | None) -> Family:
+    if not is_single_file(path):
+        raise ValueError(f"{path}: not a .safetensors or .ckpt checkpoint; {HOW_TO_GIVE}")
+    if path.suffix.lower() != ".safetensors":  # a pickled .ckpt cannot be read safely by its header
+        if config is not None:
+            return model_family(config)
+        raise ValueError(f"{path}: cannot detect the model family of a .ckpt file; {SET_IT}")
+    keys = _single_file_keys(path)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    raise ValueError(f"{path}: neither SDXL (conditioner.embedders.*) nor SD 1.5 (cond_stage_model.transformer.*) "
+                     f"keys; {SET_IT} or give another checkpoint")
+
+
+def _family_of_hub_id(repo_id: str) -> Family:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index_file = hf_hub_download(repo_id, "model_index.json")
+    except Exception as error:  # offline and not cached, no such repo, no model_index.json, ...
+        raise ValueError(f"{repo_id}: could not read its model_index.json to detect the model family ({error}); "
+                         f"{SET_IT}") from error
+    return _family_of_index(_read_index(Path(index_file)), repo_id)
+
+
+def _single_file_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
+
+
+def check_diffusers_sd15_folder(folder: Path) -> None:
+    """Raise ValueError naming `folder` unless it is a diffusers folder with every SD 1.5 component."""
+    index = _read_index(folder / "model_index.json")
+    missing = [name for name in SD15_COMPONENTS if not index.get(name) or index[name] == [None, None]]
+    if missing or index.get("text_encoder_2") not in (None, [None, None]):
+        what = f"lacks {', '.join(missing)}" if missing else "has a second text encoder (SDXL?)"
+        raise ValueError(f"{folder}: not an SD 1.5 model ({index.get('_class_name', 'unknown pipeline')} {what}); "
+                         "give a diffusers SD 1.5 folder, a hub id or a single-file checkpoint")
+
+
+def load_sd15_pipeline(
+    base_model: str | Path,
+    *,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD 1.5 pipeline (no safety checker) from a single-file checkpoint, a diffusers folder or a hub id."""
+    kwargs = _hub_kwargs(torch_dtype, local_files_only) | {"safety_checker": None, "requires_safety_checker": False}
+    if not is_local_path(base_model):
+        try:
+            return StableDiffusionPipeline.from_pretrained(str(base_model), **kwargs)
+        except OSError as error:
+            raise OSError(f"{base_model}: could not load it as a hub id (it is no local path): {error}") from error
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; give a diffusers SD 1.5 folder, a hub id or "
+                                "a single-file .safetensors checkpoint")
+    if path.is_dir():
+        check_diffusers_sd15_folder(path)
+        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    if not is_single_file(path):
+        raise ValueError(f"{path}: not a .safetensors or .ckpt checkpoint; {HOW_TO_GIVE}")
+    if path.suffix.lower() == ".safetensors" and _family_of_single_file(path, config) != "sd15":
+        raise ValueError(f"{path}: not an SD 1.5 checkpoint (it has SDXL keys); set model.model_type = 'sdxl'")
+    if config is not None and is_local_path(config):
+        config = Path(config).expanduser()
+        if not config.exists():
+            raise FileNotFoundError(
+                f"{config}: no such config folder (for {path}); give a diffusers SD 1.5 folder or hub id")
+        check_diffusers_sd15_folder(config)
+    config_arg = None if config is None else str(config)
+    return StableDiffusionPipeline.from_single_file(str(path), config=config_arg, **kwargs)
+
+
+def load_pipeline(
+    base_model: str | Path,
+    family: str = "auto",
+    *,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
+    """`load_sdxl_pipeline` or `load_sd15_pipeline`, as `family` says ("auto": detected from the base model)."""
+    loaders = {"sdxl": load_sdxl_pipeline, "sd15": load_sd15_pipeline}
+    resolved = resolve_family(family, base_model, config)
+    return loaders[resolved](base_model, config=config, torch_dtype=torch_dtype, local_files_only=local_files_only)
 
 
 def load_clipseg(

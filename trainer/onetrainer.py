@@ -1,11 +1,13 @@
-"""Import a OneTrainer config (`__version` 6, SDXL fine-tune) into likeness settings.
+"""Import a OneTrainer config (`__version` 6, SDXL or SD 1.5 fine-tune) into likeness settings.
 
     likeness import-onetrainer config.json -o profiles/mine.toml
 
 Settings we support map 1:1. A OneTrainer setting we do not support is listed in a warning when
 its value asks for behaviour likeness does not have (an augmentation turned on, TensorBoard on,
 ...); left at its neutral value it is ignored quietly. Keys we do not know at all are warned about
-too, never silently dropped. Facts: shared/reference/onetrainer-behaviour.md.
+too, never silently dropped. Aspect-ratio bucketing, the concepts' image augmentations
+(`concept.image.enable_*`) and tag shuffling (`concept.text`) map to resize.mode, Concept.augmentations
+and CaptionSource. Facts: shared/reference/onetrainer-behaviour.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,20 @@ from likeness.trainer.profiles import SettingsError, validate_settings
 from likeness.trainer.settings import Settings
 
 SUPPORTED_VERSION = 6
-SDXL_MODEL_TYPES = {"STABLE_DIFFUSION_XL_10_BASE"}
+MODEL_TYPES = {"STABLE_DIFFUSION_XL_10_BASE": "sdxl", "STABLE_DIFFUSION_15": "sd15"}
+# concept.image toggles: our field <- (OneTrainer's random key, fixed key, max-strength key)
+TOGGLES = {
+    "flip": ("enable_random_flip", "enable_fixed_flip", None),
+    "rotate": ("enable_random_rotate", "enable_fixed_rotate", "random_rotate_max_angle"),
+    "brightness": ("enable_random_brightness", "enable_fixed_brightness", "random_brightness_max_strength"),
+    "contrast": ("enable_random_contrast", "enable_fixed_contrast", "random_contrast_max_strength"),
+    "saturation": ("enable_random_saturation", "enable_fixed_saturation", "random_saturation_max_strength"),
+    "hue": ("enable_random_hue", "enable_fixed_hue", "random_hue_max_strength"),
+}
+IMAGE_FLAGS = {"enable_crop_jitter": "crop_jitter", "enable_random_mask_rotate_crop": "mask_rotate_crop",
+               "enable_random_circular_mask_shrink": "circular_mask_shrink"}
+IMAGE_SUPPORTED = ({k for keys in TOGGLES.values() for k in keys if k} | set(IMAGE_FLAGS)
+                   | {"__version"})
 DTYPES = {"FLOAT_32": "float32", "BFLOAT_16": "bfloat16", "FLOAT_16": "float16"}
 
 # OneTrainer key -> our dotted field (values copied as they are).
@@ -64,7 +79,7 @@ HANDLED = {
     "learning_rate_scheduler", "ema", "train_device", "force_v_prediction", "force_epsilon_prediction",
     "unet", "text_encoder", "text_encoder_2", "vae", "text_encoder_layer_skip", "text_encoder_2_layer_skip",
     "sample_after", "sample_after_unit", "sample_image_format", "save_every", "save_every_unit",
-    "save_filename_prefix", "backup_after", "backup_after_unit", "rolling_backup",
+    "save_filename_prefix", "backup_after", "backup_after_unit", "rolling_backup", "aspect_ratio_bucketing",
     # meaningless for SDXL full fine-tunes (other model families, LoRA, embeddings) or run mechanics
     "prior", "text_encoder_3", "text_encoder_3_layer_skip", "effnet_encoder", "decoder",
     "decoder_text_encoder", "decoder_vqgan", "embedding", "embedding_learning_rate", "embedding_weight_dtype",
@@ -81,7 +96,7 @@ HANDLED = {
 # Unsupported settings and the value at which ignoring them changes nothing.
 NEUTRAL = {
     "debug_mode": False, "tensorboard": False, "tensorboard_expose": False, "force_circular_padding": False,
-    "aspect_ratio_bucketing": False, "latent_caching": True, "only_cache": False, "align_prop": False,
+    "latent_caching": True, "only_cache": False, "align_prop": False,
     "loss_scaler": "NONE", "learning_rate_scaler": "NONE", "custom_learning_rate_scheduler": None,
     "scheduler_params": [], "rescale_noise_scheduler_to_zero_terminal_snr": False, "additional_embeddings": [],
     "huber_strength": 0.0,
@@ -164,10 +179,10 @@ def _check_supported(config: dict[str, Any], path: Path) -> None:
         raise OneTrainerImportError(
             f"{path}: training_method {config.get('training_method')!r} is not supported; "
             "likeness does full fine-tunes only (training_method FINE_TUNE)")
-    if config.get("model_type") not in SDXL_MODEL_TYPES:
+    if config.get("model_type") not in MODEL_TYPES:
         raise OneTrainerImportError(
             f"{path}: model_type {config.get('model_type')!r} is not supported; "
-            f"likeness trains {', '.join(sorted(SDXL_MODEL_TYPES))}")
+            f"likeness trains {', '.join(sorted(MODEL_TYPES))}")
 
 
 def _set(out: dict[str, Any], dotted: str, value: Any) -> None:
@@ -193,6 +208,8 @@ def _unit_every(every: int, unit: str) -> tuple[int, str]:
 
 
 def _convert_globals(config: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:
+    _set(out, "model.model_type", MODEL_TYPES[config["model_type"]])
+    _set(out, "resize.mode", "bucket" if config.get("aspect_ratio_bucketing") else "pad")
     for key, dotted in (("train_dtype", "training.train_dtype"), ("output_dtype", "training.output_dtype")):
         if (dtype := _dtype(config.get(key), key, warnings)) is not None:
             _set(out, dotted, dtype)
@@ -239,7 +256,10 @@ def _convert_globals(config: dict[str, Any], out: dict[str, Any], warnings: list
 
 def _convert_parts(config: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:
     global_dtype = _dtype(config.get("weight_dtype"), "weight_dtype", warnings, fallback="float32")
-    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    sd15 = MODEL_TYPES[config["model_type"]] == "sd15"
+    if sd15:  # one text encoder: OneTrainer's text_encoder_2 section means nothing there
+        _set(out, "training.text_encoder_2.train", False)
+    for part in ("unet", "text_encoder", "vae") if sd15 else ("unet", "text_encoder", "text_encoder_2", "vae"):
         section = config.get(part) or {}
         target = f"training.{part}"
         dtype = _dtype(section.get("weight_dtype"), f"{part}.weight_dtype", warnings, fallback=global_dtype)
@@ -258,7 +278,8 @@ def _convert_parts(config: dict[str, Any], out: dict[str, Any], warnings: list[s
             warnings.append(f"{part}.stop_training_after_unit = {json.dumps(unit)}: not supported, using NEVER")
         _set(out, f"{target}.stop_training_after", int(section.get("stop_training_after") or 0))
     for key, part in (("text_encoder_layer_skip", "text_encoder"), ("text_encoder_2_layer_skip", "text_encoder_2")):
-        _set(out, f"training.{part}.clip_skip", int(config.get(key, 0)))
+        if not (sd15 and part == "text_encoder_2"):
+            _set(out, f"training.{part}.clip_skip", int(config.get(key, 0)))
 
 
 def _convert_optimizer(optimizer: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:
@@ -315,10 +336,8 @@ def _convert_concept(concept: dict[str, Any], index: int, warnings: list[str], n
     if source == "text_file":
         caption["path"] = text.get("prompt_path", "")
     if text.get("enable_tag_shuffling"):
-        warnings.append(f"{where}.text.enable_tag_shuffling = true: not supported, ignored")
-    for key, value in (concept.get("image") or {}).items():
-        if key.startswith("enable_") and value:
-            warnings.append(f"{where}.image.{key} = true: augmentation not supported, ignored")
+        caption.update(shuffle_tags=True, tag_delimiter=text.get("tag_delimiter") or ",",
+                       keep_tags=int(text.get("keep_tags_count", 1)))
     balancing = concept.get("balancing", 1.0)
     role = _guess_role(concept)
     notes.append(f"{where} {concept.get('name')!r}: role {role} (balancing {balancing})")
@@ -328,7 +347,24 @@ def _convert_concept(concept: dict[str, Any], index: int, warnings: list[str], n
         "caption": caption, "balancing": balancing, "balancing_strategy": concept.get("balancing_strategy", "REPEATS"),
         "loss_weight": concept.get("loss_weight", 1.0), "validation": concept.get("validation_concept", False),
         "image_variations": concept.get("image_variations", 1), "text_variations": concept.get("text_variations", 1),
+        "augmentations": _convert_augmentations(concept.get("image") or {}, where, warnings),
     }
+
+
+def _convert_augmentations(image: dict[str, Any], where: str, warnings: list[str]) -> dict[str, Any]:
+    """OneTrainer's concept.image -> ImageAugmentations; fixed wins where both toggles are on (it always applies)."""
+    out: dict[str, Any] = {ours: True for key, ours in IMAGE_FLAGS.items() if image.get(key)}
+    for ours, (random_key, fixed_key, strength_key) in TOGGLES.items():
+        mode = "fixed" if image.get(fixed_key) else "random" if image.get(random_key) else None
+        if mode is None:
+            continue
+        out[ours] = mode
+        if strength_key is not None:
+            out[f"{ours}_max_angle" if ours == "rotate" else f"{ours}_max_strength"] = image.get(strength_key, 0.0)
+    for key, value in image.items():
+        if key not in IMAGE_SUPPORTED and key.startswith("enable_") and value:  # enable_resolution_override
+            warnings.append(f"{where}.image.{key} = true: not supported, ignored")
+    return out
 
 
 def _guess_role(concept: dict[str, Any]) -> str:

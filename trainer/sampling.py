@@ -12,6 +12,8 @@ so the base model's beta schedule, prediction type and timestep spacing carry ov
 plain short prompts encode bit-identically), and hands the embeddings to the diffusers pipeline.
 Each image gets its own CPU generator seeded with its seed, so an image depends on (weights,
 prompt, seed, settings) only: not on the batch it was in, nor the device. The negative prompt is always encoded as text, an empty one too.
+A StableDiffusionPipeline (SD 1.5) works the same way with its one text encoder (`clip_skip_1`;
+SD 1.5's conditioning, `conditioning.encode_tokens_sd15`) and no pooled embeddings.
 
     images = generate(pipe, ["photo of ohwx man"], [""], [42], steps=40, cfg=7.0,
                       sampler="DPMPP_SDE_KARRAS", resolution=1024)
@@ -30,7 +32,14 @@ import diffusers
 import torch
 from PIL import Image
 
-from likeness.trainer.prompt_weights import encode_prompt_pair
+from likeness.trainer.conditioning import encode_tokens_sd15
+from likeness.trainer.prompt_weights import (
+    apply_weights,
+    count_chunks,
+    encode_prompt_pair,
+    parse_prompt,
+    tokenize_weighted,
+)
 from likeness.trainer.files import atomic_path
 
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -144,13 +153,44 @@ def generate(
         base_config = pipe.scheduler.config
         for prompt, negative, seed in zip(prompts, negative_prompts, seeds):
             pipe.scheduler = make_scheduler(sampler, base_config, seed)
-            embeds, pooled, negative_embeds, negative_pooled = _encode(pipe, prompt, negative, clip_skip_1, clip_skip_2)
-            result = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
-                          negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps,
+            result = pipe(**_embeddings(pipe, prompt, negative, clip_skip_1, clip_skip_2), num_inference_steps=steps,
                           guidance_scale=cfg, height=height, width=width,
                           generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
             images.append(result.images[0])
     return images
+
+
+def is_sd15(pipe: Any) -> bool:
+    """An SD 1.5-shaped pipeline: one text encoder (StableDiffusionPipeline), no pooled embeddings or time ids."""
+    return getattr(pipe, "text_encoder_2", None) is None
+
+
+def _embeddings(pipe: Any, prompt: str, negative: str, clip_skip_1: int, clip_skip_2: int) -> dict[str, torch.Tensor]:
+    """The pipeline call's embedding arguments; SD 1.5 uses clip_skip_1 only."""
+    if is_sd15(pipe):
+        embeds, negative_embeds = encode_prompt_pair_sd15(pipe.text_encoder, pipe.tokenizer, prompt, negative,
+                                                          clip_skip_1)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+    embeds, pooled, negative_embeds, negative_pooled = _encode(pipe, prompt, negative, clip_skip_1, clip_skip_2)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def encode_weighted_sd15(text_encoder: torch.nn.Module, tokenizer: Any, prompt: str, clip_skip: int = 0,
+                         min_chunks: int = 1) -> torch.Tensor:
+    """An A1111-weighted prompt for SD 1.5: (1, 77 N, W), as `prompt_weights.encode_weighted` but with
+    SD 1.5's text conditioning (`conditioning.encode_tokens_sd15`)."""
+    tokens = tokenize_weighted(tokenizer, parse_prompt(prompt), min_chunks)
+    hidden = apply_weights(encode_tokens_sd15(text_encoder, tokens.ids, clip_skip).hidden, tokens.weights)
+    return hidden.reshape(1, -1, hidden.shape[-1])  # (N, 77, W) -> (1, 77 N, W)
+
+
+def encode_prompt_pair_sd15(text_encoder: torch.nn.Module, tokenizer: Any, prompt: str, negative_prompt: str,
+                            clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD 1.5 prompt and negative prompt embeddings of equal length (1, 77 N, W) each."""
+    chunks = max(count_chunks(tokenizer, prompt), count_chunks(tokenizer, negative_prompt))
+    return (encode_weighted_sd15(text_encoder, tokenizer, prompt, clip_skip, chunks),
+            encode_weighted_sd15(text_encoder, tokenizer, negative_prompt, clip_skip, chunks))
 
 
 def _encode(pipe: Any, prompt: str, negative: str, clip_skip_1: int,
@@ -173,7 +213,8 @@ def _inference(pipe: Any) -> Iterator[None]:
 
     Progress bars are switched off on `pipe` and stay off (sampling runs inside training and logs).
     """
-    modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+               if m is not None]
     modes, scheduler = [m.training for m in modules], pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
     try:

@@ -54,7 +54,7 @@ class ModelSettings(Section):
         "stabilityai/stable-diffusion-xl-base-1.0", min_length=1,
         description="A diffusers folder, a hub id, or a single-file .safetensors checkpoint (e.g. RealVisXL V4).",
     )
-    model_type: Literal["sdxl"] = Field("sdxl", description="Model family of the base model.")
+    model_type: Literal["auto", "sdxl", "sd15"] = Field("sdxl", description="Model family of the base model: sdxl, sd15 (Stable Diffusion 1.5: one text encoder, no time ids), or auto (detected from the diffusers folder or the single file's keys).")
     config: str | None = Field(
         None, description="Diffusers folder or hub id with the component configs, for single-file checkpoints (offline use, custom shapes).",
     )

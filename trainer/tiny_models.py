@@ -13,7 +13,9 @@ writes OUT_DIR/sdxl (a diffusers StableDiffusionXLPipeline folder), OUT_DIR/clip
 CLIPSegForImageSegmentation + CLIPSegProcessor folder), OUT_DIR/dino (a ViTModel + image
 processor, the evaluation's DINO) and OUT_DIR/clip (a CLIPModel + CLIPProcessor, the evaluation's
 CLIP-I / CLIP-T); load them with `likeness.trainer.models.load_sdxl_pipeline` / `load_clipseg` /
-`load_dino` / `load_clip` like any real model.
+`load_dino` / `load_clip` like any real model. `save_tiny_sd15(OUT_DIR)` writes OUT_DIR/sd15, a tiny
+SD 1.5-shaped StableDiffusionPipeline folder (one text encoder, no addition embeddings) for
+`load_sd15_pipeline`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPSegConfig,
     CLIPSegForImageSegmentation,
@@ -362,6 +371,61 @@ def save_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
         dino=_write_atomically(out_dir / "dino", "dino", seed, _save_pair(build_tiny_dino)),
         clip=_write_atomically(out_dir / "clip", "clip", seed, _save_pair(build_tiny_clip)),
     )
+
+
+# --- SD 1.5 --------------------------------------------------------------------------------
+
+
+SD15_TE_WIDTH = 48  # one encoder: the UNet's cross_attention_dim
+
+
+def build_sd15_unet() -> UNet2DConditionModel:
+    """SD 1.5's UNet layout shrunk: (1, 4, 8, 8) latents, text (1, 77, 48), no addition embeddings."""
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+        cross_attention_dim=SD15_TE_WIDTH,  # SD 1.5: conv proj_in/proj_out (no linear projection)
+    )
+
+
+def build_sd15_scheduler() -> PNDMScheduler:
+    """SD 1.5's scheduler config (PNDM, scaled_linear 0.00085-0.012, leading, offset 1)."""
+    return PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="leading", steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+        prediction_type="epsilon",
+    )
+
+
+def build_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    """A complete SD 1.5-shaped pipeline (one CLIP ViT-L-like encoder, VAE scale 0.18215), random weights."""
+    tokenizer = build_clip_tokenizer()
+    te_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=SD15_TE_WIDTH, intermediate_size=2 * SD15_TE_WIDTH,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=SD15_TE_WIDTH, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    parts: dict[str, Callable[[], torch.nn.Module]] = {
+        "unet": build_sd15_unet, "vae": build_vae, "text_encoder": lambda: CLIPTextModel(te_config),
+    }
+    modules = {}
+    for offset, (name, build) in enumerate(parts.items()):
+        with _seeded(seed * 1000 + 500 + offset):
+            modules[name] = build().eval()
+    modules["vae"].register_to_config(scaling_factor=0.18215)
+    return StableDiffusionPipeline(**modules, tokenizer=tokenizer, scheduler=build_sd15_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _save_sd15(folder: Path, seed: int) -> None:
+    build_tiny_sd15(seed).save_pretrained(folder)
+
+
+def save_tiny_sd15(out_dir: Path, seed: int = 0) -> Path:
+    """Write out_dir/sd15 (a diffusers StableDiffusionPipeline folder); a complete one of the same seed is reused."""
+    return _write_atomically(Path(out_dir) / "sd15", "sd15", seed, _save_sd15)
 
 
 def main(argv: list[str] | None = None) -> None:
