@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -177,7 +178,12 @@ def test_a_stage_alone_names_the_missing_earlier_stage(served):
     assert response.status_code == 201, response.text
     run = served.wait(response.json()["id"], timeout=120)
     assert run["state"]["type"] == "FAILED"
-    messages = "\n".join(log["message"] for log in served.logs([r["id"] for r in served.run_tree(run["id"])]))
+    deadline = time.monotonic() + 30  # logs are shipped in batches: the last ones may land after the state
+    while True:
+        messages = "\n".join(log["message"] for log in served.logs([r["id"] for r in served.run_tree(run["id"])]))
+        if "likeness stage scan" in messages or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert "stage 'resize' needs the output of stage 'scan'" in messages
     assert "likeness stage scan" in messages
 
@@ -252,7 +258,7 @@ def test_library_logs_reach_the_run_in_the_ui(served):
 
     deadline = time.monotonic() + 20
     while True:
-        found = served.api.post("/logs/filter", json={"logs": {"text": {"query": '"probe from"'}}}).json()
+        found = served.api.post("/logs/filter", json={"logs": {"text": {"query": '"probe from"'}}, "sort": "TIMESTAMP_DESC", "limit": 200}).json()
         logs = [log for log in found if log["message"].startswith("probe from ")]
         if len(logs) == 2 or time.monotonic() > deadline:
             break
