@@ -23,7 +23,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from likeness.trainer.conditioning import encode_prompt, time_ids
+from likeness.trainer.checkpoint_sd15 import is_sd15_pipeline
+from likeness.trainer.conditioning import encode_prompt, encode_prompt_sd15, time_ids
 from likeness.trainer.holdout import heldout_ids
 from likeness.trainer.latents import load_latents, load_text_outputs
 from likeness.trainer.loss import diffusion_losses
@@ -87,24 +88,31 @@ def _image_loss(pipe: Any, row: dict, scheduler, timesteps: torch.Tensor, kind: 
     eps = sample_noise(x0, settings.training.noise, generator)  # same noise for every checkpoint
     noisy = scheduler.add_noise(x0, eps, timesteps)
     target = eps if kind == "epsilon" else scheduler.get_velocity(x0, eps, timesteps)
-    embeds, pooled = _conditioning(pipe, row, settings)  # (1, 77, W1 + W2), (1, P)
-    height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
-    ids = time_ids(row["original_size"], (0, 0), (height, width))  # (1, 6)
+    embeds, pooled = _conditioning(pipe, row, settings)  # (1, 77, W1 + W2), (1, P); SD 1.5: (1, 77, W), None
     dtype, device = unet.dtype, unet.device
+    added = None  # SD 1.5: no pooled embeddings, no time ids
+    if pooled is not None:
+        height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
+        ids = time_ids(row["original_size"], (0, 0), (height, width))  # (1, 6)
+        added = {"text_embeds": pooled.expand(count, -1).to(device, dtype),
+                 "time_ids": ids.expand(count, -1).to(device, dtype)}
     prediction = unet(noisy.to(device, dtype), timesteps.to(device),
                       encoder_hidden_states=embeds.expand(count, -1, -1).to(device, dtype),
-                      added_cond_kwargs={"text_embeds": pooled.expand(count, -1).to(device, dtype),
-                                         "time_ids": ids.expand(count, -1).to(device, dtype)}).sample
+                      added_cond_kwargs=added).sample  # (K, 4, H/8, W/8)
     losses = diffusion_losses(prediction.cpu(), target, timesteps, scheduler.alphas_cumprod,
                               settings.training.loss, UNMASKED, v_prediction=kind == "v_prediction")  # (K,)
     return losses.mean()
 
 
-def _conditioning(pipe: Any, row: dict, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+def _conditioning(pipe: Any, row: dict, settings: Settings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Frozen encoders' outputs from the cache; trained encoders run live with the checkpoint's weights."""
     cached = load_text_outputs([row["text_path"]]) if row["text_path"] else {}
     training = settings.training
     first = cached.get("text_encoder") if not training.text_encoder.train else None
+    if is_sd15_pipeline(pipe):
+        embeds = encode_prompt_sd15(pipe.text_encoder, pipe.tokenizer, [row["caption"]],
+                                    training.text_encoder.clip_skip, cached=first)  # (1, 77, W)
+        return embeds.cpu(), None
     second = cached.get("text_encoder_2") if not training.text_encoder_2.train else None
     embeds, pooled = encode_prompt(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                                    [row["caption"]], training.text_encoder.clip_skip, training.text_encoder_2.clip_skip,

@@ -124,14 +124,15 @@ def candidates(checkpoints: list[str | Path], settings: Settings, index: HashInd
 
 
 def load_candidate(candidate: Candidate, settings: Settings, device: torch.device) -> Any:
-    """The SDXL pipeline of a column (float32 on CPU, the training dtype on a GPU)."""
-    from likeness.trainer.models import is_single_file, load_sdxl_pipeline
+    """The SDXL or SD 1.5 pipeline of a column (float32 on CPU, the training dtype on a GPU)."""
+    from likeness.trainer.models import is_single_file, load_pipeline
 
     base, config = settings.model.base_model, settings.model.config
     if config is None and not candidate.is_base and not is_single_file(base):
         config = base  # a single-file checkpoint takes its component configs from the base model
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, settings.training.train_dtype)
-    pipe = load_sdxl_pipeline(candidate.path, config=config, torch_dtype=dtype).to(device)
+    family = settings.model.model_type if candidate.is_base else "auto"  # a saved file says what it is
+    pipe = load_pipeline(candidate.path, family, config=config, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

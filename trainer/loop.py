@@ -1,5 +1,5 @@
 """The training loop: plain torch + diffusers, no Prefect. Reads the manifest and the latent cache,
-fine-tunes the SDXL UNet (and text encoder 1), samples, saves checkpoints, backs up and resumes.
+fine-tunes the SDXL or SD 1.5 UNet (and text encoder 1), samples, saves checkpoints, backs up and resumes.
 
 One `train(settings)` call runs (or finishes) a whole training run. It resumes by itself from the
 newest complete backup whose fingerprint (training settings + data + base model) matches, so a
@@ -29,18 +29,20 @@ import torch
 import torch.distributed as dist
 
 from likeness.trainer.backup import Backup, latest_backup, restore_rng, save_backup
-from likeness.trainer.checkpoint import CheckpointInfo, checkpoint_filename, save_checkpoint
-from likeness.trainer.conditioning import EncoderOutput, encode_prompt
+from likeness.trainer.checkpoint import CheckpointInfo, checkpoint_filename
+from likeness.trainer.checkpoint_sd15 import save_any_checkpoint
+from likeness.trainer.conditioning import EncoderOutput, encode_prompt, encode_prompt_sd15
 from likeness.trainer.content import HashIndex, digest_parts, file_digest, folder_digest, model_fingerprint
 from likeness.trainer.distributed import Processes, average_gradients, mean_over_processes, start_processes
 from likeness.trainer.ema import EMA
 from likeness.trainer.intervals import Interval
 from likeness.trainer.loss import diffusion_losses
+from likeness.trainer.latents import model_parts, settings_family
 from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine
-from likeness.trainer.models import load_sdxl_pipeline
+from likeness.trainer.models import load_pipeline
 from likeness.trainer.noise import add_noise, step_generator, training_scheduler
 from likeness.trainer.optimizer import (
-    PARTS, FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
+    FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
 )
 from likeness.trainer.sampling import generate, sample_filename, save_sample
 from likeness.trainer.settings import Settings
@@ -115,11 +117,13 @@ def settings_hash(settings: Settings) -> str:
 def load_models(settings: Settings, device: torch.device) -> tuple[Any, list[str]]:
     """The pipeline with each part in its weight dtype on `device`, and the parts that train."""
     training = settings.training
-    pipe = load_sdxl_pipeline(settings.model.base_model, config=settings.model.config, torch_dtype=torch.float32)
+    pipe = load_pipeline(settings.model.base_model, settings.model.model_type, config=settings.model.config,
+                         torch_dtype=torch.float32)
     # torch's own `to`: diffusers' override warns about fp32-only modules that SDXL does not have.
     torch.nn.Module.to(pipe.vae, device, DTYPES[training.vae.weight_dtype]).requires_grad_(False).eval()
-    trained = [part for part in PARTS if getattr(training, part).train]
-    for part in PARTS:
+    parts = ["unet", *model_parts(settings)]  # SD 1.5 has no text_encoder_2
+    trained = [part for part in parts if getattr(training, part).train]
+    for part in parts:
         module = getattr(pipe, part)
         torch.nn.Module.to(module, device, DTYPES[getattr(training, part).weight_dtype]).requires_grad_(part in trained)
         module.train(part in trained)
@@ -143,6 +147,8 @@ class Trainer:
         self.log = log if procs.main else (lambda message: None)
         self.ws = Workspace.from_settings(settings)
         self.data = TrainData(self.ws, settings, procs.world_size, procs.rank)
+        self.sd15 = settings_family(settings) == "sd15"
+        self.parts = ("unet", *model_parts(settings))
         self.pipe, self.trained = load_models(settings, procs.device)
         self.params = {part: [p for p in getattr(self.pipe, part).parameters() if p.requires_grad] for part in self.trained}
         self.all_params = [p for part in self.trained for p in self.params[part]]
@@ -224,11 +230,10 @@ class Trainer:
         with self.autocast():
             embeds, pooled = self._encode(batch, generator)
             unet_dtype = self.pipe.unet.dtype
-            predicted = self.pipe.unet(
-                noisy.noisy_latents.to(unet_dtype), noisy.timesteps, embeds.to(unet_dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(unet_dtype),
-                                   "time_ids": batch.time_ids.to(device, unet_dtype)},
-            ).sample  # (B, 4, H/8, W/8)
+            added = None if pooled is None else {  # SD 1.5: no pooled embeddings, no time ids
+                "text_embeds": pooled.to(unet_dtype), "time_ids": batch.time_ids.to(device, unet_dtype)}
+            predicted = self.pipe.unet(noisy.noisy_latents.to(unet_dtype), noisy.timesteps, embeds.to(unet_dtype),
+                                       added_cond_kwargs=added).sample  # (B, 4, H/8, W/8)
         losses = diffusion_losses(
             predicted, noisy.target, noisy.timesteps, self.noise_scheduler.alphas_cumprod, s.loss, s.masked_training,
             mask=batch.masks.to(device), loss_weight=batch.loss_weight.to(device),
@@ -242,18 +247,25 @@ class Trainer:
         dtype = DTYPES[self.settings.training.train_dtype]
         return torch.autocast(self.procs.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def _encode(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (B, 77, W) and pooled (B, P); SD 1.5 has no pooled (None)."""
         t, device, pipe = self.settings.training, self.procs.device, self.pipe
         cached = {part: EncoderOutput(out.hidden.to(device), None if out.pooled is None else out.pooled.to(device))
                   for part, out in batch.cached.items()}
-        embeds, pooled = encode_prompt(
-            pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, batch.captions,
-            t.text_encoder.clip_skip, t.text_encoder_2.clip_skip,
-            cached_1=cached.get("text_encoder"), cached_2=cached.get("text_encoder_2"))  # (B, 77, W), (B, P)
+        pooled = None
+        if self.sd15:
+            embeds = encode_prompt_sd15(pipe.text_encoder, pipe.tokenizer, batch.captions, t.text_encoder.clip_skip,
+                                        cached=cached.get("text_encoder"))  # (B, 77, W)
+        else:
+            embeds, pooled = encode_prompt(
+                pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, batch.captions,
+                t.text_encoder.clip_skip, t.text_encoder_2.clip_skip,
+                cached_1=cached.get("text_encoder"), cached_2=cached.get("text_encoder_2"))  # (B, 77, W), (B, P)
         if t.caption_dropout_probability > 0:  # dropped captions train the unconditional case: zero embeddings
             keep = torch.rand(len(batch.captions), generator=generator, device=generator.device)
             keep = (keep >= t.caption_dropout_probability).to(device, embeds.dtype)  # (B,)
-            embeds, pooled = embeds * keep[:, None, None], pooled * keep.to(pooled.dtype)[:, None]
+            embeds = embeds * keep[:, None, None]
+            pooled = None if pooled is None else pooled * keep.to(pooled.dtype)[:, None]
         return embeds, pooled
 
     def optimizer_step(self) -> dict[str, float]:
@@ -267,7 +279,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.all_params, self.step)
         self.step += 1
-        set_trained_parts(self.optimizer, parts_to_train(self.settings.training, self.epoch, self.step))
+        set_trained_parts(self.optimizer, parts_to_train(self.settings.training, self.epoch, self.step, self.parts))
         return lrs
 
     # --- samples and checkpoints -------------------------------------------------------------
@@ -304,7 +316,7 @@ class Trainer:
                 name = f"{s.prefix}-{epoch}-step{self.step}" + (".safetensors" if s.format == "safetensors" else "")
             info = CheckpointInfo(str(self.settings.model.base_model), epoch, self.step, settings_hash(self.settings))
             with self.averaged():
-                path = save_checkpoint(self.pipe, self.ws.checkpoints / name, info, self.settings.training.output_dtype,
+                path = save_any_checkpoint(self.pipe, self.ws.checkpoints / name, info, self.settings.training.output_dtype,
                                        s.format)
             digest = file_digest(path) if path.is_file() else folder_digest(path, HashIndex())
             self.saved.append(SavedCheckpoint(path, digest, epoch, self.step))
@@ -358,7 +370,7 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
     procs = start_processes(settings.run.device)
     t = Trainer(settings, procs, log, sinks)
     resumed = t.resume()
-    set_trained_parts(t.optimizer, parts_to_train(settings.training, t.epoch, t.step))
+    set_trained_parts(t.optimizer, parts_to_train(settings.training, t.epoch, t.step, t.parts))
     epochs = settings.training.epochs
     t.log(f"training {', '.join(t.trained)} for {epochs} epochs, {t.total_steps} steps on {procs.device}"
           f" ({procs.world_size} process(es)); {len(t.data.rows)} images")

@@ -270,10 +270,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSetti
     )
 
 
-def parts_to_train(training: TrainingSettings, epoch: int, step: int) -> set[str]:
-    """Parts that still train at `epoch` after `step` optimizer steps (stop_training_after N: count < N)."""
+def parts_to_train(training: TrainingSettings, epoch: int, step: int, model_parts: Iterable[str] = PARTS) -> set[str]:
+    """Parts of `model_parts` (SD 1.5: no text_encoder_2) that still train at `epoch` after `step`
+    optimizer steps (stop_training_after N: count < N)."""
     parts = set()
-    for part in PARTS:
+    for part in model_parts:
         part_settings = getattr(training, part)
         count = {"EPOCH": epoch, "STEP": step}.get(part_settings.stop_training_after_unit)
         if part_settings.train and (count is None or count < part_settings.stop_training_after):

@@ -32,7 +32,9 @@ import torch
 from likeness.trainer.conditioning import EncoderOutput
 from likeness.trainer.epoch_sampler import ConceptItems, EpochSampler, Sample
 from likeness.trainer.holdout import heldout_ids
-from likeness.trainer.latents import epoch_rows, index_time_ids, load_latents, load_text_outputs, read_latents_index
+from likeness.trainer.latents import (
+    epoch_rows, index_time_ids, load_latents, load_text_outputs, model_parts, read_latents_index,
+)
 from likeness.trainer.manifest import read_manifest
 from likeness.trainer.settings import Settings
 from likeness.trainer.stages import PrepareError
@@ -101,7 +103,7 @@ class TrainData:
         if missing:
             raise TrainDataError(f"{missing[:5]}: in the manifest but not in the latent cache index; {RUN_PREPARE}")
         self.concepts = concept_items(self.rows)
-        self.frozen = [p for p in ("text_encoder", "text_encoder_2") if not getattr(settings.training, p).train]
+        self.frozen = [p for p in model_parts(settings) if not getattr(settings.training, p).train]
         buckets = self.index.drop_duplicates("id").set_index("id")["bucket"]
         # Aspect-ratio buckets: a batch never mixes sizes (one bucket: no grouping, fixed batch count).
         group_of = (lambda sample: buckets[sample.item]) if buckets[self.rows.index].nunique() > 1 else None
