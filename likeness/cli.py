@@ -80,14 +80,16 @@ def import_onetrainer_command(
 
 @app.command("tiny-models")
 def tiny_models(
-    output: Annotated[Path, typer.Argument(help="Folder to write tiny-sdxl/ and tiny-clipseg/ into.")],
+    output: Annotated[Path, typer.Argument(help="Folder to write sdxl/, sd15/, clipseg/, dino/ and clip/ into.")],
     seed: Annotated[int, typer.Option(help="Weight-init seed.")] = 0,
 ) -> None:
-    """Build tiny SDXL-shaped and CLIPSeg models with random weights (no download), for tests and the demo."""
-    from likeness.trainer.tiny_models import save_tiny_models
+    """Build tiny SDXL, SD 1.5, CLIPSeg, DINO and CLIP models with random weights (no download), for tests and the demo."""
+    from likeness.trainer.tiny_models import save_tiny_models, save_tiny_sd15
 
     built = save_tiny_models(output, seed=seed)
-    typer.echo(f"SDXL pipeline: {built.sdxl}\nCLIPSeg:       {built.clipseg}")
+    sd15 = save_tiny_sd15(output, seed=seed)
+    typer.echo(f"SDXL pipeline:   {built.sdxl}\nSD 1.5 pipeline: {sd15}\nCLIPSeg:         {built.clipseg}\n"
+               f"DINO:            {built.dino}\nCLIP:            {built.clip}")
 
 
 @app.command()

@@ -205,3 +205,16 @@ def test_aspect_ratio_buckets_never_mix_sizes_in_a_batch(train_settings, monkeyp
     assert result.steps == len(shapes) > 0
     for shape, targets in shapes:  # every sample's target size (time ids) is its batch's latent size x 8
         assert all(target == [shape[2] * 8, shape[3] * 8] for target in targets)
+
+
+def test_gpu_memory_figures_are_columns_on_cuda_and_absent_elsewhere(monkeypatch):
+    from likeness.trainer import metrics
+
+    assert metrics.memory_stats(torch.device("cpu")) == {} and metrics.memory_summary(torch.device("cpu")) == ""
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2.5 * gib)
+    cuda = torch.device("cuda", 0)
+    assert metrics.memory_stats(cuda) == {"mem_allocated_gib": 2.0, "mem_reserved_gib": 3.0, "mem_peak_gib": 2.5}
+    assert metrics.memory_summary(cuda) == "mem 2.00/3.00 GiB (peak 2.50)"

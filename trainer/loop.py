@@ -38,7 +38,7 @@ from likeness.trainer.ema import EMA
 from likeness.trainer.intervals import Interval
 from likeness.trainer.loss import diffusion_losses
 from likeness.trainer.latents import model_parts, settings_family
-from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine
+from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine, memory_stats
 from likeness.trainer.models import load_pipeline
 from likeness.trainer.noise import add_noise, step_generator, training_scheduler
 from likeness.trainer.optimizer import (
@@ -350,7 +350,7 @@ def train_epoch(t: Trainer, progress: ProgressLine) -> bool:
         lrs = t.optimizer_step()
         loss = mean_over_processes(total / t.accumulation, t.procs)
         micro, total = 0, 0.0
-        t.losses.add(step=t.step, epoch=epoch, loss=loss, **lrs)
+        t.losses.add(step=t.step, epoch=epoch, loss=loss, **lrs, **memory_stats(t.procs.device))
         for sink in t.sinks:
             sink.scalars(t.step, {"loss": loss, **lrs})
         progress.update(t.step, t.epoch, loss)

@@ -36,13 +36,23 @@ class MetricsSink(Protocol):
     def close(self) -> None: ...
 
 
-def memory_summary(device: torch.device) -> str:
-    """GPU memory allocated / reserved / peak in GiB on CUDA; empty elsewhere."""
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """GPU memory allocated / reserved / peak in GiB on CUDA (columns of the loss table); empty elsewhere."""
     if device.type != "cuda":
-        return ""
+        return {}
     gib = 1024**3
-    return (f"mem {torch.cuda.memory_allocated(device) / gib:.2f}/{torch.cuda.memory_reserved(device) / gib:.2f} GiB "
-            f"(peak {torch.cuda.max_memory_allocated(device) / gib:.2f})")
+    return {"mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib}
+
+
+def memory_summary(device: torch.device) -> str:
+    """The same figures for a progress line: `mem 9.81/11.20 GiB (peak 10.42)`; empty off CUDA."""
+    stats = memory_stats(device)
+    if not stats:
+        return ""
+    return (f"mem {stats['mem_allocated_gib']:.2f}/{stats['mem_reserved_gib']:.2f} GiB "
+            f"(peak {stats['mem_peak_gib']:.2f})")
 
 
 class LossLog:
