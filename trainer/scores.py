@@ -44,6 +44,7 @@ from likeness.trainer.evaluate import (
 from likeness.trainer.files import write_atomic
 from likeness.trainer.manifest import read_manifest
 from likeness.trainer.masks import item_settings
+from likeness.trainer.prompt_weights import plain_text
 from likeness.trainer.selection import METRICS, likeness
 from likeness.trainer.settings import Settings
 from likeness.trainer.stages import Counts, ItemRecords, Row, StageResult
@@ -132,7 +133,7 @@ def measure(metric: str, inputs: Inputs, images: list[Row]) -> float:
     embedder = inputs.embedder(IMAGE_METRICS[metric])
     if metric == "clip_t":
         pictures = embed_images(embedder, [Image.open(r["image"]) for r in images])
-        return mean_paired_similarity(pictures, clip_text_embeddings(embedder, [r["prompt"] for r in images]))
+        return mean_paired_similarity(pictures, clip_text_embeddings(embedder, [plain_text(r["prompt"]) for r in images]))  # "(x:1.2)" -> "x"
     return mean_pairwise_similarity(embed_images(embedder, inputs.crops([r["image"] for r in images])),
                                     inputs.references(IMAGE_METRICS[metric]))
 
