@@ -50,7 +50,7 @@ from likeness.trainer.settings import Settings
 from likeness.trainer.stages import Counts, ItemRecords, Row, StageResult
 from likeness.trainer.workspace import Workspace
 
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: CLIP-T reads plain_text(prompt)
 IMAGE_METRICS = {"dino": "dino", "clip_i": "clip", "clip_t": "clip"}  # metric -> embedder kind
 
 
