@@ -52,13 +52,7 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
 
 def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int = 0) -> EncoderOutput:
     """Run one CLIP text encoder; with grad only when some of its parameters are being trained."""
-    layers = text_encoder.config.num_hidden_layers
-    if not 0 <= clip_skip <= layers - 1:
-        raise ValueError(f"clip_skip {clip_skip} is out of range for a text encoder with {layers} layers "
-                         f"(0 to {layers - 1})")
-    trained = any(p.requires_grad for p in text_encoder.parameters())
-    with nullcontext() if trained else torch.no_grad():
-        out = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
+    out = _run_encoder(text_encoder, input_ids, clip_skip)
     # hidden_states: embeddings + one per layer; SDXL counts from the penultimate layer.
     return EncoderOutput(hidden=out.hidden_states[-(2 + clip_skip)], pooled=getattr(out, "text_embeds", None))
 
@@ -132,15 +126,22 @@ def encode_tokens_sd15(text_encoder: torch.nn.Module, input_ids: torch.Tensor, c
     Clip skip 0 is the last layer (A1111's "clip skip 1"), as diffusers' StableDiffusionPipeline and
     OneTrainer's SD 1.5 model encode it; unlike SDXL the final layer norm is applied.
     """
+    out = _run_encoder(text_encoder, input_ids, clip_skip)
+    trained = any(p.requires_grad for p in text_encoder.parameters())
+    with nullcontext() if trained else torch.no_grad():
+        hidden = _final_layer_norm(text_encoder)(out.hidden_states[-(1 + clip_skip)])
+    return EncoderOutput(hidden=hidden)  # (B, 77, W)
+
+
+def _run_encoder(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int) -> Any:
+    """The encoder's outputs with every hidden state; with grad only when some of its parameters train."""
     layers = text_encoder.config.num_hidden_layers
     if not 0 <= clip_skip <= layers - 1:
         raise ValueError(f"clip_skip {clip_skip} is out of range for a text encoder with {layers} layers "
                          f"(0 to {layers - 1})")
     trained = any(p.requires_grad for p in text_encoder.parameters())
     with nullcontext() if trained else torch.no_grad():
-        out = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
-        hidden = _final_layer_norm(text_encoder)(out.hidden_states[-(1 + clip_skip)])
-    return EncoderOutput(hidden=hidden)  # (B, 77, W)
+        return text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
 
 
 def _final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
