@@ -71,7 +71,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
 def make_step(unet, text_encoder, tiny: bool, device: torch.device, dtype: torch.dtype):
     """One step: TE1 live (trained) + cached TE2 outputs -> UNet -> MSE -> fused Adafactor backward."""
     from likeness.trainer.optimizer import FusedBackPass, build_optimizer
-    from likeness.trainer.settings import Settings
+    from likeness.settings import Settings
 
     settings = Settings()  # the reference run: Adafactor, LRs 1e-5 / 3e-6, stochastic rounding
     optimizer = build_optimizer({"unet": unet.parameters(), "text_encoder": text_encoder.parameters()}, settings)

@@ -2,7 +2,7 @@
 
 Runs the demo profile (tiny models, demo photos, CPU) three ways, each in its own fresh workspace
 and in its own subprocess so peak RSS is per run:
-  plain    the same stage functions from trainer/ called in order, no Prefect at all
+  plain    the same plain stage functions (tasks/*.py) called in order, no Prefect at all
   prefect  the `pipeline` flow on the local ephemeral Prefect (what `likeness demo` runs)
   rerun    the `pipeline` flow again on the prefect workspace: everything `Cached`
 and prints wall time, peak RSS and the prefect/plain ratio (median of --repeats runs each).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def settings_for(root: Path, overrides: list[str]):
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     demo = root / "workspace" / "demo"
     return load_profile("demo-cpu", [
@@ -37,7 +37,7 @@ def settings_for(root: Path, overrides: list[str]):
 def prepare_inputs(settings) -> None:
     from likeness.demo import demo_paths
     from likeness.demo_data import write_demo_photos
-    from likeness.trainer.tiny_models import save_tiny_models
+    from likeness.models.tiny import save_tiny_models
 
     models, photos = demo_paths(settings)
     save_tiny_models(models, seed=settings.run.seed)
@@ -46,19 +46,19 @@ def prepare_inputs(settings) -> None:
 
 def run_plain(settings) -> None:
     """The pipeline's stage functions in the order the flows call them, without Prefect."""
-    from likeness.trainer.balancing import balance_stage
-    from likeness.trainer.captions import captions_stage
-    from likeness.trainer.content import HashIndex
-    from likeness.trainer.dataset import scan_stage
-    from likeness.trainer.evaluate import grid_stage
-    from likeness.trainer.latents import latents_stage
+    from likeness.tasks.balance import balance_stage
+    from likeness.tasks.captions import captions_stage
+    from likeness.content import HashIndex
+    from likeness.tasks.scan import scan_stage
+    from likeness.tasks.evaluate.grid import grid_stage
+    from likeness.tasks.latents import latents_stage
     from likeness.trainer.loop import train
-    from likeness.trainer.manifest import manifest_stage
-    from likeness.trainer.masks import masks_stage
-    from likeness.trainer.resize import resize_stage
-    from likeness.trainer.scores import scores_stage
-    from likeness.trainer.selection import select_stage
-    from likeness.trainer.workspace import Workspace
+    from likeness.manifest import manifest_stage
+    from likeness.tasks.masks import masks_stage
+    from likeness.tasks.resize import resize_stage
+    from likeness.tasks.evaluate.scores import scores_stage
+    from likeness.tasks.evaluate.select import select_stage
+    from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
     index = HashIndex(ws.hash_index)

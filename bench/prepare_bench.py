@@ -48,7 +48,7 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 def settings_for(out: Path, models, photos: Path):
-    from likeness.trainer.settings import Settings
+    from likeness.settings import Settings
 
     return Settings.model_validate({
         "run": {"workspace": str(out / "workspace"), "device": "cpu", "retries": 0},
@@ -78,7 +78,7 @@ def decode_comparison(photos: list[Path], n: int = 20) -> tuple[float, float]:
     """Seconds per photo: our resize (JPEG draft decode) vs a full decode + Lanczos, as mogrify does."""
     from PIL import Image, ImageOps
 
-    from likeness.trainer.resize import prepare_image
+    from likeness.tasks.resize import prepare_image
 
     sample = photos[:n]
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"photos: {len(photos)} JPEGs, {megabytes:.0f} MB, ready in {time.perf_counter() - start:.0f} s")
 
     from likeness.flows.prepare import prepare
-    from likeness.trainer.tiny_models import save_tiny_models
+    from likeness.models.tiny import save_tiny_models
 
     shutil.rmtree(out / "workspace", ignore_errors=True)  # the first run starts from scratch
     settings = settings_for(out, save_tiny_models(out / "models"), out / "photos")

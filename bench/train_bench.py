@@ -28,17 +28,17 @@ def prepared_settings(root: Path, resolution: int, batch: int):
     from PIL import Image
     from skimage import data
 
-    from likeness.trainer.balancing import balance_stage
-    from likeness.trainer.captions import captions_stage
-    from likeness.trainer.content import HashIndex
-    from likeness.trainer.dataset import scan_stage
-    from likeness.trainer.latents import latents_stage
-    from likeness.trainer.manifest import manifest_stage
-    from likeness.trainer.masks import masks_stage
-    from likeness.trainer.resize import resize_stage
-    from likeness.trainer.settings import Settings
-    from likeness.trainer.tiny_models import save_tiny_models
-    from likeness.trainer.workspace import Workspace
+    from likeness.tasks.balance import balance_stage
+    from likeness.tasks.captions import captions_stage
+    from likeness.content import HashIndex
+    from likeness.tasks.scan import scan_stage
+    from likeness.tasks.latents import latents_stage
+    from likeness.manifest import manifest_stage
+    from likeness.tasks.masks import masks_stage
+    from likeness.tasks.resize import resize_stage
+    from likeness.settings import Settings
+    from likeness.models.tiny import save_tiny_models
+    from likeness.workspace import Workspace
 
     models = save_tiny_models(root / "models")
     photos = (data.astronaut, data.chelsea, data.coffee, data.rocket)

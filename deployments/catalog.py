@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from likeness.deployments import entry
-from likeness.trainer.settings import Settings, WatchSettings
+from likeness.settings import Settings, WatchSettings
 
 DATASET_CHANGED = "likeness.dataset.changed"  # the event the watcher emits (tasks/watch.py)
 GPU_TAG = "gpu"  # the training task's tag; a tag concurrency limit of 1 serialises GPU work

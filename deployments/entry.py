@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from likeness.trainer.fingerprint import fingerprint_concepts, record_trained
-from likeness.trainer.profiles import apply_override, load_profile, validate_settings
-from likeness.trainer.settings import Settings
+from likeness.profiles import apply_override, load_profile, validate_settings
+from likeness.settings import Settings
+from likeness.tasks.watch import fingerprint_concepts, record_trained
 
 StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 LIBRARY_LOGGERS = ("diffusers", "transformers")

@@ -17,14 +17,13 @@ import sys
 
 from prefect import flow
 
+from likeness.settings import Settings
+from likeness.stages import StageResult
 from likeness.tasks.common import run_stage
-from likeness.tasks.evaluate import generate_grid, score_checkpoints
-from likeness.tasks.select import select_checkpoint
-from likeness.trainer.evaluate import EvaluationError, find_checkpoints
-from likeness.trainer.selection import scores_table
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import StageResult
-from likeness.trainer.workspace import Workspace
+from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, generate_grid
+from likeness.tasks.evaluate.scores import score_checkpoints
+from likeness.tasks.evaluate.select import scores_table, select_checkpoint
+from likeness.workspace import Workspace
 
 
 @flow(name="evaluate", log_prints=True)
@@ -49,7 +48,7 @@ def select(settings: Settings) -> StageResult:
 
 
 if __name__ == "__main__":
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     chosen = load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])
     for result in evaluate(chosen).values():

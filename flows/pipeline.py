@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from likeness.flows.evaluate import evaluate, select
 from likeness.flows.prepare import prepare
 from likeness.flows.train import train
-from likeness.trainer.evaluate import read_eval_table
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
+from likeness.tasks.evaluate.grid import read_eval_table
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,6 @@ def pipeline(settings: Settings) -> PipelineResult:
 
 
 if __name__ == "__main__":
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     print(pipeline(load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])).summary())

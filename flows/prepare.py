@@ -17,6 +17,8 @@ from typing import Literal
 
 from prefect import flow
 
+from likeness.settings import Settings
+from likeness.stages import PREVIOUS, StageResult, upstream
 from likeness.tasks.balance import balance_concepts
 from likeness.tasks.captions import write_captions
 from likeness.tasks.common import run_stage, workers
@@ -25,9 +27,7 @@ from likeness.tasks.manifest import write_manifest
 from likeness.tasks.masks import compute_masks
 from likeness.tasks.resize import resize_images
 from likeness.tasks.scan import scan_images
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import PREVIOUS, StageResult, upstream
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 
@@ -91,7 +91,7 @@ def prepare_stage(settings: Settings, stage: StageName) -> StageResult:
 
 
 if __name__ == "__main__":
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     for result in prepare(load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])).values():
         print(result.summary())

@@ -15,12 +15,12 @@ import sys
 
 from prefect import flow, get_run_logger
 
+from likeness.settings import Settings
 from likeness.tasks.common import transient
 from likeness.tasks.train import publish_training_report, train_model
 from likeness.trainer.loop import TrainResult
-from likeness.trainer.settings import Settings
 from likeness.trainer.train_data import check_prepared
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 
 @flow(name="train", log_prints=True)
@@ -40,6 +40,6 @@ def train(settings: Settings) -> TrainResult:
 
 
 if __name__ == "__main__":
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     print(train(load_profile(sys.argv[1] if len(sys.argv) > 1 else "demo-cpu", sys.argv[2:])).summary())

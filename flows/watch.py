@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from likeness.settings import Settings
 from likeness.tasks.watch import announce_change, fingerprint_dataset
-from likeness.trainer.settings import Settings
 
 
 @flow(name="watch-dataset", log_prints=True)

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from likeness.trainer.profiles import SettingsError, available_profiles, load_profile, settings_to_toml
+from likeness.profiles import SettingsError, available_profiles, load_profile, settings_to_toml
 
 app = typer.Typer(
     help="Photos of a person in, the best fine-tuned SDXL checkpoint out.",
@@ -59,8 +59,8 @@ def import_onetrainer_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Profile TOML to write.")],
 ) -> None:
     """Convert a OneTrainer config into a likeness profile."""
-    from likeness.trainer.onetrainer import OneTrainerImportError, import_onetrainer
-    from likeness.trainer.profiles import write_profile
+    from likeness.onetrainer import OneTrainerImportError, import_onetrainer
+    from likeness.profiles import write_profile
 
     try:
         result = import_onetrainer(config)
@@ -84,7 +84,7 @@ def tiny_models(
     seed: Annotated[int, typer.Option(help="Weight-init seed.")] = 0,
 ) -> None:
     """Build tiny SDXL, SD 1.5, CLIPSeg, DINO and CLIP models with random weights (no download), for tests and the demo."""
-    from likeness.trainer.tiny_models import save_tiny_models, save_tiny_sd15
+    from likeness.models.tiny import save_tiny_models, save_tiny_sd15
 
     built = save_tiny_models(output, seed=seed)
     sd15 = save_tiny_sd15(output, seed=seed)
@@ -130,7 +130,7 @@ def prepare(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None
 @app.command()
 def stage(name: StageArgument, profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     """Run one prepare stage alone, on what the stages before it left in the workspace."""
-    from likeness.trainer.workspace import PREPARE_STAGES
+    from likeness.workspace import PREPARE_STAGES
 
     if name not in PREPARE_STAGES:
         _fail(f"unknown stage {name!r}: use one of {', '.join(PREPARE_STAGES)}")
@@ -149,7 +149,7 @@ def train(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
 
 def _run_prepare(profile: str, run):
     """Run a prepare flow; a problem with the data or settings exits 2 with its message."""
-    from likeness.trainer.stages import PrepareError
+    from likeness.stages import PrepareError
 
     try:
         return run()
@@ -205,7 +205,7 @@ def server(
 def watch(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     """Check the concept folders once: announce a retraining if they changed since the last training."""
     from likeness.flows.watch import watch_dataset
-    from likeness.trainer.fingerprint import FingerprintError
+    from likeness.tasks.watch import FingerprintError
 
     try:
         result = watch_dataset(_settings(profile, set_))
@@ -228,7 +228,7 @@ def tensorboard_command(
     import subprocess
 
     from likeness.trainer.tensorboard import TensorBoardMissing, require_tensorboard, viewer_command
-    from likeness.trainer.workspace import Workspace
+    from likeness.workspace import Workspace
 
     settings = _settings(profile, set_)
     logdir = Workspace.from_settings(settings).tensorboard
@@ -259,7 +259,7 @@ CheckpointOption = Annotated[
 def evaluate(profile: ProfileOption = "demo-cpu", set_: SetOption = None, checkpoint: CheckpointOption = None) -> None:
     """Grid of every checkpoint x prompts x seeds (base model first) and scores per checkpoint (cached)."""
     from likeness.flows.evaluate import evaluate as evaluate_flow
-    from likeness.trainer.evaluate import read_eval_table
+    from likeness.tasks.evaluate.grid import read_eval_table
 
     paths = [str(p) for p in checkpoint] if checkpoint else None
     results = _run_prepare(profile, lambda: evaluate_flow(_settings(profile, set_), paths))
@@ -274,7 +274,7 @@ def evaluate(profile: ProfileOption = "demo-cpu", set_: SetOption = None, checkp
 def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     """Pick the best checkpoint from the evaluation scores and copy it to the output destination."""
     from likeness.flows.evaluate import select as select_flow
-    from likeness.trainer.evaluate import read_eval_table
+    from likeness.tasks.evaluate.grid import read_eval_table
 
     extra = read_eval_table(_run_prepare(profile, lambda: select_flow(_settings(profile, set_))))["extra"]
     for warning in extra["warnings"]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 
 
 def demo_paths(settings: Settings) -> tuple[Path, Path]:
@@ -37,7 +37,7 @@ def demo_paths(settings: Settings) -> tuple[Path, Path]:
 def run_demo(settings: Settings, echo: Callable[[str], None] = print):
     """Build the tiny models and demo photos, then run the whole pipeline flow on them."""
     from likeness.demo_data import write_demo_photos
-    from likeness.trainer.tiny_models import save_tiny_models
+    from likeness.models.tiny import save_tiny_models
 
     models, photos = demo_paths(settings)
     start = time.perf_counter()

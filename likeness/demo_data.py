@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from likeness.trainer.files import write_atomic
+from likeness.files import write_atomic
 
 # Where the person is in each source photo (left, top, right, bottom), so every crop keeps them.
 SOURCES: dict[str, tuple[Callable[[], np.ndarray], tuple[int, int, int, int]]] = {}

@@ -1,1 +1,3 @@
-"""Prefect tasks, one file a stage: thin wrappers (caching, retries, logging, artifacts) over plain functions."""
+"""The stages, one module a stage (evaluation: a small package): the plain function that does the work,
+callable without a server, and beside it the thin Prefect task that adds caching, retries, logging and
+artifacts."""

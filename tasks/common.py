@@ -1,7 +1,7 @@
 """What the stage tasks share: a content cache policy, retries from settings, progress, and the
 call that runs a stage (re-running it when a cached result's files changed since).
 
-A stage's cache key comes from the plain `<stage>_key` function beside its work in `trainer/`: the
+A stage's cache key comes from the plain `<stage>_key` function beside its work in the same module: the
 hash of the upstream table (which lists content hashes), the stage's own settings, the models'
 content and a stage version; never mtimes or run ids. Results are persisted in
 `workspace/prefect/`, so a new process sees them and deleting the workspace clears them.
@@ -23,10 +23,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
 from tqdm.auto import tqdm
 
-from likeness.trainer.content import HashIndex
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import PrepareError, Progress, StageResult, outputs_intact
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import Settings
+from likeness.stages import PrepareError, Progress, StageResult, outputs_intact
+from likeness.workspace import Workspace
 
 
 @dataclass

@@ -1,15 +1,15 @@
-"""Prefect task of stage 6: join the stages into the validated manifest (the work: trainer/manifest.py)."""
+"""Prefect task of stage 6: join the stages into the validated manifest (the work: likeness/manifest.py)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from likeness.content import HashIndex
+from likeness.manifest import manifest_key, manifest_stage
+from likeness.settings import Concept
+from likeness.stages import StageResult
 from likeness.tasks.common import StagePolicy
-from likeness.trainer.content import HashIndex
-from likeness.trainer.manifest import manifest_key, manifest_stage
-from likeness.trainer.settings import Concept
-from likeness.trainer.stages import StageResult
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 
 @task(name="write-manifest", cache_policy=StagePolicy(key_fn=manifest_key))

@@ -1,16 +1,319 @@
-"""Prefect task of stage 1: scan and validate the concepts' photos (the work: trainer/dataset.py)."""
+"""Stage 1, scan + validate: list each concept's images and report every problem before heavy work.
+
+Images are the files with an image extension (bmp, jpg, jpeg, png, tif, tiff, webp, avif) that are
+not `*-masklabel.*` / `*-condlabel.*` labels, sorted; `include_subdirectories` recurses, skipping
+hidden files and folders (as OneTrainer does). Beside an image, `<stem>.txt` is its caption and
+`<stem>-masklabel.png` a mask the user drew.
+
+Errors (the flow stops, each naming the file and what to do): a missing folder, an empty concept,
+zero-byte files, files that are not images, corrupt or unreadable images, two images with one
+stem, a user mask whose size differs from its image, a missing caption file. Warnings (in the
+report only): images smaller than `resize.min_side`, exact duplicates within or across concepts.
+
+The table (`workspace/prepare/scan.json`, written only when there is no error) has one row per
+image: id, concept, stem, source, source_hash, width and height (after EXIF orientation), format,
+mode, caption_source(_hash), mask_source(_hash). Every file is hashed, so the table is the content
+fingerprint of the dataset.
+
+    result, report = scan_stage(settings.concepts, settings.resize.min_side, ws, HashIndex(ws.hash_index))
+    report.raise_for_errors()
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from likeness.content import HashIndex, digest_parts
+from likeness.files import write_atomic
+from likeness.settings import Concept
+from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, map_cached, write_table
 from likeness.tasks.common import StagePolicy, progress
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_key, scan_stage
-from likeness.trainer.settings import Concept
-from likeness.trainer.stages import StageResult
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
+
+SCAN_VERSION = 1
+IMAGE_EXTENSIONS = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".avif"})
+LABEL_SUFFIXES = ("-masklabel", "-condlabel")
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+REPORT_LIMIT = 200  # lines per problem kind in the markdown report
+
+
+@dataclass(frozen=True)
+class Issue:
+    level: Literal["error", "warning"]
+    kind: str
+    path: str
+    message: str
+
+
+@dataclass
+class ScanReport:
+    issues: list[Issue] = field(default_factory=list)
+    images: dict[str, int] = field(default_factory=dict)  # concept -> images found
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.level == "error"]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return [i for i in self.issues if i.level == "warning"]
+
+    def add(self, level: Literal["error", "warning"], kind: str, path: Path | str, message: str) -> None:
+        self.issues.append(Issue(level, kind, str(path), message))
+
+    def markdown(self) -> str:
+        lines = ["# Dataset scan", "", "| concept | images |", "|---|---|"]
+        lines += [f"| {name} | {n} |" for name, n in self.images.items()]
+        for level in ("error", "warning"):
+            found = [i for i in self.issues if i.level == level]
+            lines += ["", f"## {len(found)} {level}{'s' if len(found) != 1 else ''}"]
+            by_kind: dict[str, list[Issue]] = defaultdict(list)
+            for issue in found:
+                by_kind[issue.kind].append(issue)
+            for kind, issues in by_kind.items():
+                lines += ["", f"### {kind} ({len(issues)})", ""]
+                lines += [f"- `{i.path}`: {i.message}" for i in issues[:REPORT_LIMIT]]
+                if len(issues) > REPORT_LIMIT:
+                    lines.append(f"- ... and {len(issues) - REPORT_LIMIT} more")
+        return "\n".join(lines) + "\n"
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise DatasetError(self)
+
+
+class DatasetError(PrepareError):
+    """The dataset has errors; the message lists each file and what to do."""
+
+    def __init__(self, report: ScanReport):
+        self.report = report
+        lines = [f"  {i.kind}: {i.path}: {i.message}" for i in report.errors]
+        super().__init__(f"the dataset has {len(lines)} error(s); fix them and run again:\n" + "\n".join(lines))
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def is_image_file(path: Path) -> bool:
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.endswith(LABEL_SUFFIXES)
+            and not path.name.startswith("."))
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """A concept's images, sorted; recursion skips folders whose name starts with '.'."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if _file_or_link(p) and is_image_file(p))
+    found = []
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts[:-1])
+        if not hidden and _file_or_link(path) and is_image_file(path):
+            found.append(path)
+    return sorted(found)
+
+
+def _file_or_link(path: Path) -> bool:
+    """Files, and links even when broken (the scan reports those as unreadable)."""
+    return path.is_file() or path.is_symlink()
+
+
+def caption_sidecar(image: Path) -> Path:
+    return image.with_suffix(".txt")
+
+
+def mask_sidecar(image: Path) -> Path:
+    return image.with_name(f"{image.stem}-masklabel.png")
+
+
+def concept_files(concept: Concept) -> list[Path]:
+    """Images and sidecars of a concept; [] when its folder is missing (scan reports that)."""
+    folder = Path(concept.path)
+    if not folder.is_dir():
+        return []
+    images = list_images(folder, concept.include_subdirectories)
+    sidecars = [s for image in images for s in (caption_sidecar(image), mask_sidecar(image)) if s.is_file()]
+    return sorted(images + sidecars)
+
+
+# --- inspecting one image --------------------------------------------------------------------
+
+
+def inspect_image(path: Path) -> Row:
+    """Decode an image (at 1/8 scale for JPEG) to prove it reads; its size is after EXIF rotation."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+            fmt, mode = image.format, image.mode
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except UnidentifiedImageError:
+        return {"problem": "not-an-image", "message": "not an image Pillow can read (wrong extension?): remove or convert it"}
+    except Image.DecompressionBombError as exc:
+        return {"problem": "too-large", "message": f"{exc}: downscale it before training"}
+    except (OSError, SyntaxError, ValueError) as exc:
+        return {"problem": "corrupt", "message": f"corrupt or truncated image ({exc}): re-export or remove it"}
+    if orientation in ROTATING_ORIENTATIONS:
+        width, height = height, width
+    return {"width": width, "height": height, "orientation": orientation, "format": fmt, "mode": mode}
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed, read from the header only."""
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(0x0112, 1) in ROTATING_ORIENTATIONS else (width, height)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def scan_key(concepts: list[Concept], min_side: int, ws: Workspace) -> str:
+    """Cache key of the scan: every file's content hash plus the settings the scan reads."""
+    index = HashIndex(ws.hash_index)
+    parts = []
+    for c in concepts:
+        if c.enabled:
+            files = [(str(p), _digest_or_none(index, p)) for p in concept_files(c)]
+            parts.append((c.name, str(Path(c.path).resolve()), c.include_subdirectories,
+                          c.caption.model_dump(mode="json"), files))
+    caption_files = [index.current(c.caption.path) for c in concepts if c.caption.path]
+    index.save()
+    return digest_parts("scan", SCAN_VERSION, str(ws.root), min_side, parts, caption_files)
+
+
+def _digest_or_none(index: HashIndex, path: Path) -> str | None:
+    try:
+        return index.digest(path)
+    except OSError:  # unreadable: the scan itself reports it
+        return None
+
+
+def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: HashIndex,
+               progress: Progress | None = None, workers: int = 2) -> tuple[StageResult | None, ScanReport]:
+    """List, hash and decode every image; write the report, and the table when there is no error.
+
+    Errors do not raise here (the task raises after publishing the report): the result is None."""
+    report = ScanReport()
+    candidates = [row for c in concepts if c.enabled for row in _list_concept(c, report)]
+    _check_files(candidates, index, report, workers)
+    records = ItemRecords(ws.item_records("scan"), index)
+    readable = [row for row in candidates if "source_hash" in row]
+    with ThreadPoolExecutor(workers) as pool:
+        inspected, counts = map_cached(
+            readable, key=lambda row: digest_parts(SCAN_VERSION, row["source_hash"]),
+            compute=lambda batch: list(pool.map(lambda row: inspect_image(Path(row["source"])), batch)),
+            records=records, batch_size=8 * workers, progress=progress)
+    rows = []
+    for row, info in zip(readable, inspected, strict=True):
+        if "problem" in info:
+            report.add("error", info["problem"], row["source"], info["message"])
+        else:
+            rows.append({**row, **info})
+    _check_images(rows, concepts, min_side, report)
+    report.issues.sort(key=lambda i: (i.level, i.kind, i.path))  # threads add them in any order
+    write_atomic(ws.report("scan-report.md"), report.markdown())
+    index.save()
+    if report.errors:  # no table: later stages, even run alone, never read a dataset with errors
+        ws.table("scan").unlink(missing_ok=True)
+        return None, report
+    return write_table(ws, "scan", SCAN_VERSION, rows, counts, extra={"warnings": len(report.warnings)}), report
+
+
+def _list_concept(concept: Concept, report: ScanReport) -> list[Row]:
+    folder = Path(concept.path)
+    if "/" in concept.name or concept.name.startswith("."):
+        report.add("error", "bad-concept-name", concept.name, "a concept name becomes a folder name: use no '/' and no leading '.'")
+        return []
+    if not folder.exists():
+        report.add("error", "missing-folder", folder, f"concept '{concept.name}': folder not found; fix concepts path")
+        return []
+    if not folder.is_dir():
+        report.add("error", "missing-folder", folder, f"concept '{concept.name}': not a folder; point the concept path at a folder of images")
+        return []
+    images = list_images(folder, concept.include_subdirectories)
+    report.images[concept.name] = len(images)
+    if not images:
+        report.add("error", "empty-concept", folder, f"concept '{concept.name}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or disable it")
+    seen: dict[str, Path] = {}
+    rows = []
+    for image in images:
+        stem = image.relative_to(folder).with_suffix("").as_posix()
+        if stem in seen:
+            report.add("error", "name-clash", image, f"shares its name with {seen[stem].name}: outputs would collide; rename one")
+            continue
+        seen[stem] = image
+        rows.append({"id": f"{concept.name}/{stem}", "concept": concept.name, "stem": stem, "source": str(image.absolute())})
+    return rows
+
+
+def _check_files(rows: list[Row], index: HashIndex, report: ScanReport, workers: int) -> None:
+    """Hash every non-empty file and its sidecars (in place); zero-byte and unreadable files are errors."""
+    def hash_row(row: Row) -> None:
+        source = Path(row["source"])
+        try:
+            if source.stat().st_size == 0:
+                report.add("error", "zero-byte", source, "the file is empty: re-copy or remove it")
+                return
+            row["source_hash"] = index.digest(source)
+        except OSError as exc:
+            report.add("error", "unreadable", source, f"cannot be read ({exc.strerror}): fix it (permissions, broken link) or remove it")
+            return
+        for name, path in (("caption_source", caption_sidecar(source)), ("mask_source", mask_sidecar(source))):
+            exists = path.is_file()
+            row[name] = str(path) if exists else None
+            row[f"{name}_hash"] = index.digest(path) if exists else None
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(hash_row, rows))
+
+
+def _check_images(rows: list[Row], concepts: list[Concept], min_side: int, report: ScanReport) -> None:
+    by_name = {c.name: c for c in concepts}
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_hash[row["source_hash"]].append(row["source"])
+        if min(row["width"], row["height"]) < min_side:
+            report.add("warning", "too-small", row["source"],
+                       f"{row['width']}x{row['height']} is below resize.min_side={min_side}: it will be upscaled; use a larger photo")
+        _check_mask(row, report)
+        _check_caption(row, by_name[row["concept"]], report)
+    for paths in by_hash.values():
+        for path in paths[1:]:
+            report.add("warning", "duplicate", path, f"same content as {paths[0]}: it counts twice; remove one copy")
+    for concept in concepts:
+        if concept.enabled and concept.caption.source == "text_file" and not Path(concept.caption.path).is_file():
+            report.add("error", "missing-caption-file", concept.caption.path, f"concept '{concept.name}': caption file not found; fix caption.path")
+
+
+def _check_mask(row: Row, report: ScanReport) -> None:
+    if not row["mask_source"]:
+        return
+    try:
+        size = oriented_size(Path(row["mask_source"]))
+    except (OSError, SyntaxError, ValueError):
+        report.add("error", "corrupt-mask", row["mask_source"], "the mask cannot be read: redraw or remove it")
+        return
+    if size != (row["width"], row["height"]):
+        report.add("error", "mask-size", row["mask_source"],
+                   f"mask is {size[0]}x{size[1]} but its image is {row['width']}x{row['height']}: redraw it at the image size")
+
+
+def _check_caption(row: Row, concept: Concept, report: ScanReport) -> None:
+    caption = concept.caption
+    if caption.source == "per_image" and caption.on_missing == "error" and not row["caption_source"]:
+        report.add("error", "missing-caption", row["source"],
+                   f"no {Path(row['source']).stem}.txt beside it: write one, or set concepts caption.on_missing to prefix_only or filename")
+
+
+# --- Prefect task ----------------------------------------------------------------------------
 
 
 @task(name="scan-images", cache_policy=StagePolicy(key_fn=scan_key))

@@ -15,12 +15,12 @@ import csv
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from likeness.settings import Settings
 from likeness.tasks.common import StagePolicy
 from likeness.trainer.backup import latest_backup
 from likeness.trainer.loop import TrainResult, train, train_key, training_fingerprint
 from likeness.trainer.tensorboard import sinks_from_settings
-from likeness.trainer.settings import Settings
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 TABLE_ROWS = 200  # the table artifact shows at most about this many steps
 

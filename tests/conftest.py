@@ -40,7 +40,7 @@ def prefect_flows(prefect_harness, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """The tiny SDXL pipeline and CLIPSeg folders (TinyModels), written once per session."""
-    from likeness.trainer.tiny_models import save_tiny_models
+    from likeness.models.tiny import save_tiny_models
 
     return save_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -69,7 +69,7 @@ def photo():
 def prepare_settings(tmp_path, tiny_model_dirs):
     """A factory of Settings for a prepare run in tmp_path: 3 person photos, 4 regularization photos,
     64 px, tiny models, CPU, no retries; keyword arguments are merged into the settings data."""
-    from likeness.trainer.settings import Settings
+    from likeness.settings import Settings
 
     person, reg = tmp_path / "photos" / "person", tmp_path / "photos" / "reg"
     for i in range(3):
@@ -103,15 +103,15 @@ def prepare_settings(tmp_path, tiny_model_dirs):
 
 def prepare_workspace(settings):
     """Run the prepare stages as plain functions (no Prefect): manifest + latent cache for training."""
-    from likeness.trainer.balancing import balance_stage
-    from likeness.trainer.captions import captions_stage
-    from likeness.trainer.content import HashIndex
-    from likeness.trainer.dataset import scan_stage
-    from likeness.trainer.latents import latents_stage
-    from likeness.trainer.manifest import manifest_stage
-    from likeness.trainer.masks import masks_stage
-    from likeness.trainer.resize import resize_stage
-    from likeness.trainer.workspace import Workspace
+    from likeness.tasks.balance import balance_stage
+    from likeness.tasks.captions import captions_stage
+    from likeness.content import HashIndex
+    from likeness.tasks.scan import scan_stage
+    from likeness.tasks.latents import latents_stage
+    from likeness.manifest import manifest_stage
+    from likeness.tasks.masks import masks_stage
+    from likeness.tasks.resize import resize_stage
+    from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
     index = HashIndex(ws.hash_index)
@@ -143,7 +143,7 @@ def train_settings(prepare_settings):
             "backups": {"every": 1, "unit": "EPOCH"},
             "evaluation": {"class_prior_images": 0},
         }
-        from likeness.trainer.settings import Settings
+        from likeness.settings import Settings
 
         for name, value in sections.items():
             defaults[name] = _merge(defaults.get(name, {}), value)
@@ -258,7 +258,7 @@ def served(tmp_path_factory):
 
     from likeness.demo_data import write_demo_photos
     from likeness.deployments.server import die_with_parent, free_port, server_env, stop, wait_healthy
-    from likeness.trainer.tiny_models import save_tiny_models
+    from likeness.models.tiny import save_tiny_models
 
     root = tmp_path_factory.mktemp("served")
     save_tiny_models(root / "workspace" / "demo" / "models")
@@ -338,6 +338,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
     """The tiny SD 1.5-shaped StableDiffusionPipeline folder, written once per session."""
-    from likeness.trainer.tiny_models import save_tiny_sd15
+    from likeness.models.tiny import save_tiny_sd15
 
     return save_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from likeness.trainer import latents as latents_module
-from likeness.trainer.augment import augment, is_active, is_random, shift_hue, shuffle_tags, variation_rng
-from likeness.trainer.buckets import Bucket
-from likeness.trainer.content import HashIndex
-from likeness.trainer.latents import epoch_rows, index_time_ids, latents_stage, read_latents_index
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.settings import ImageAugmentations
+from likeness.augment import augment, is_active, is_random, shift_hue, shuffle_tags, variation_rng
+from likeness.buckets import Bucket
+from likeness.content import HashIndex
+from likeness.latent_index import epoch_rows, index_time_ids, read_latents_index
+from likeness.manifest import read_manifest
+from likeness.settings import ImageAugmentations
+from likeness.tasks import latents as latents_module
+from likeness.tasks.latents import latents_stage
 
 EVERYTHING = ImageAugmentations(
     crop_jitter=True, flip="random", rotate="random", rotate_max_angle=30, brightness="random",
@@ -136,11 +137,11 @@ def test_tag_shuffle_keeps_the_first_tags_and_every_tag():
 
 
 def test_captions_stage_shuffles_each_text_variation(prepare_settings):
-    from likeness.trainer.captions import captions_stage
-    from likeness.trainer.dataset import scan_stage
-    from likeness.trainer.resize import resize_stage
-    from likeness.trainer.stages import load_rows
-    from likeness.trainer.workspace import Workspace
+    from likeness.tasks.captions import captions_stage
+    from likeness.tasks.scan import scan_stage
+    from likeness.tasks.resize import resize_stage
+    from likeness.stages import load_rows
+    from likeness.workspace import Workspace
 
     settings = prepare_settings()
     person = settings.concepts[0].model_copy(update={"text_variations": 4, "caption": settings.concepts[0].caption.model_copy(
@@ -160,13 +161,13 @@ def test_captions_stage_shuffles_each_text_variation(prepare_settings):
 
 def _manifest(settings):
     """Every prepare stage before the latents, run plainly (no Prefect)."""
-    from likeness.trainer.balancing import balance_stage
-    from likeness.trainer.captions import captions_stage
-    from likeness.trainer.dataset import scan_stage
-    from likeness.trainer.manifest import manifest_stage
-    from likeness.trainer.masks import masks_stage
-    from likeness.trainer.resize import resize_stage
-    from likeness.trainer.workspace import Workspace
+    from likeness.tasks.balance import balance_stage
+    from likeness.tasks.captions import captions_stage
+    from likeness.tasks.scan import scan_stage
+    from likeness.manifest import manifest_stage
+    from likeness.tasks.masks import masks_stage
+    from likeness.tasks.resize import resize_stage
+    from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
     index = HashIndex(ws.hash_index)

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from likeness.trainer.balancing import auto_balancing, plan_training, read_measured_speed, samples_per_epoch
-from likeness.trainer.settings import CaptionSource, Concept, TrainingSettings
-from likeness.trainer.workspace import Workspace
+from likeness.settings import CaptionSource, Concept, TrainingSettings
+from likeness.tasks.balance import auto_balancing, plan_training, read_measured_speed, samples_per_epoch
+from likeness.workspace import Workspace
 
 
 def test_reference_run_ratio():

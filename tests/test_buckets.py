@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from likeness.trainer.buckets import (Bucket, assign, bucket_set, centre_crop, cover_size, jittered_crop,
+from likeness.buckets import (Bucket, assign, bucket_set, centre_crop, cover_size, jittered_crop,
                                       nearest_bucket)
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
+from likeness.content import HashIndex
+from likeness.settings import ResizeSettings
+from likeness.stages import load_rows
+from likeness.tasks.resize import resize_stage
+from likeness.tasks.scan import scan_stage
 from likeness.trainer.epoch_sampler import ConceptItems, EpochSampler, epoch_samples
-from likeness.trainer.resize import resize_stage
-from likeness.trainer.settings import ResizeSettings
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 # The notes' list for T = 1024, as width x height (ratios h:w 1:1 ... 1:4 and transposes).
 BUCKETS_1024 = ["1024x1024", "1152x896", "1280x832", "1344x768", "1472x704", "1600x640", "1792x576", "1920x576",
@@ -147,7 +147,7 @@ def test_without_grouping_nothing_changes():
 
 
 def test_resize_stage_scales_to_cover_the_bucket_and_keeps_the_mask_aligned(tmp_path, photo):
-    from likeness.trainer.settings import CaptionSource, Concept
+    from likeness.settings import CaptionSource, Concept
 
     folder = tmp_path / "photos"
     photo(folder / "wide.png", 1, size=(90, 60))  # 3:2

@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from likeness.trainer import captions as captions_module
-from likeness.trainer.captions import (CaptionError, captions_stage, clean_generated, generate_captions, load_captioner,
+from likeness.content import HashIndex
+from likeness.settings import CaptionerSettings, CaptionSource, Concept, ResizeSettings
+from likeness.stages import load_rows
+from likeness.tasks import captions as captions_module
+from likeness.tasks.captions import (CaptionError, captions_stage, clean_generated, generate_captions, load_captioner,
                                        pick_variations, with_prefix)
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
-from likeness.trainer.resize import resize_stage
-from likeness.trainer.settings import CaptionerSettings, CaptionSource, Concept, ResizeSettings
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.tasks.resize import resize_stage
+from likeness.tasks.scan import scan_stage
+from likeness.workspace import Workspace
 
 WORDS = "a an the man woman photo of with glasses hat smiling standing in room red blue shirt dark hair".split()
 

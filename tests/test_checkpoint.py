@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from likeness.trainer import checkpoint as ckpt
-from likeness.trainer.checkpoint import (
+from likeness.models import checkpoint as ckpt
+from likeness.models.checkpoint import (
     CheckpointInfo,
     checkpoint_filename,
     load_checkpoint_metadata,
@@ -20,8 +20,8 @@ from likeness.trainer.checkpoint import (
     save_single_file,
     unet_to_original,
 )
-from likeness.trainer.models import load_sdxl_pipeline
-from likeness.trainer.tiny_models import build_tiny_sdxl
+from likeness.models.loading import load_sdxl_pipeline
+from likeness.models.tiny import build_tiny_sdxl
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 INFO = CheckpointInfo(base_model="tiny/sdxl", epoch=15, step=1080, settings_hash="abc123")

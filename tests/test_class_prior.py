@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from likeness.trainer.class_prior import deterministic_loss, fixed_timesteps, loss_rows
-from likeness.trainer.conditioning import encode_text
-from likeness.trainer.holdout import heldout_ids
-from likeness.trainer.settings import Settings
-from likeness.trainer.tiny_models import build_tiny_sdxl
+from likeness.holdout import heldout_ids
+from likeness.models.conditioning import encode_text
+from likeness.models.tiny import build_tiny_sdxl
+from likeness.settings import Settings
+from likeness.tasks.evaluate.class_prior import deterministic_loss, fixed_timesteps, loss_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

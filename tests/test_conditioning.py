@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from likeness.trainer.conditioning import (
+from likeness.models.conditioning import (
     EncoderOutput,
     encode_prompt,
     encode_text,
     time_ids,
     tokenize,
 )
-from likeness.trainer.tiny_models import build_tiny_sdxl
+from likeness.models.tiny import build_tiny_sdxl
 
 PROMPTS = ["photo of ohwx man", "a woman standing in a room, natural light"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import DatasetError, list_images, scan_stage
-from likeness.trainer.settings import CaptionSource, Concept
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import CaptionSource, Concept
+from likeness.stages import load_rows
+from likeness.tasks.scan import DatasetError, list_images, scan_stage
+from likeness.workspace import Workspace
 
 
 def _touch(folder: Path, *names: str) -> None:

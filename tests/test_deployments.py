@@ -21,10 +21,10 @@ from prefect.utilities.callables import parameter_schema
 from likeness.deployments import catalog, entry
 from likeness.deployments.catalog import DEPLOYMENTS, available_deployments, render_prefect_yaml, runner_deployments
 from likeness.deployments.entry import StageUnavailableError, resolve_settings, stage_flow
+from likeness.profiles import SettingsError, load_profile
+from likeness.settings import Settings
+from likeness.stages import MissingStageError
 from likeness.tasks.common import backoff, transient
-from likeness.trainer.profiles import SettingsError, load_profile
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import MissingStageError
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE_TASKS = {"scan-images", "resize-images", "compute-masks", "write-captions", "balance-concepts",

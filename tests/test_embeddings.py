@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageEnhance
 from skimage import data
 
-from likeness.trainer.embeddings import (
+from likeness.models.embeddings import (
     Embedder,
     centre_box,
     clip_text_embeddings,
@@ -19,7 +19,7 @@ from likeness.trainer.embeddings import (
     mean_pairwise_similarity,
     square_box,
 )
-from likeness.trainer.tiny_models import build_tiny_clip, build_tiny_dino
+from likeness.models.tiny import build_tiny_clip, build_tiny_dino
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

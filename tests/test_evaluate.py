@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from likeness.trainer import evaluate as evaluate_module
-from likeness.trainer.checkpoint import CheckpointInfo, save_checkpoint
-from likeness.trainer.content import HashIndex
-from likeness.trainer.evaluate import EvaluationError, find_checkpoints, grid_stage
-from likeness.trainer.grid import grid_layout
-from likeness.trainer.models import load_sdxl_pipeline
-from likeness.trainer.settings import Settings
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.models.checkpoint import CheckpointInfo, save_checkpoint
+from likeness.models.loading import load_sdxl_pipeline
+from likeness.settings import Settings
+from likeness.tasks.evaluate import grid as evaluate_module
+from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, grid_stage
+from likeness.tasks.evaluate.image_grid import grid_layout
+from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,17 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from .test_evaluate import write_checkpoints
 from typer.testing import CliRunner
 
 from likeness.cli import app
 from likeness.flows.evaluate import evaluate, select
 from likeness.flows.prepare import prepare
-from likeness.trainer import evaluate as evaluate_module
-from likeness.trainer.profiles import write_profile
-from likeness.trainer.settings import EvaluationSettings
-from likeness.trainer.workspace import Workspace
-
-from .test_evaluate import write_checkpoints
+from likeness.profiles import write_profile
+from likeness.settings import EvaluationSettings
+from likeness.tasks.evaluate import grid as evaluate_module
+from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_flows", "one_torch_thread")
 EVALUATION = {"prompts": ["photo of ohwx man", "ohwx man in a black suit"], "seeds_per_prompt": 2, "steps": 2,

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from likeness.trainer import fingerprint as fp
-from likeness.trainer.fingerprint import (
+from likeness.settings import Concept
+from likeness.tasks import watch as fp
+from likeness.tasks.watch import (
     FingerprintError, WatchState, check_dataset, fingerprint_concepts, record_announced, record_trained,
     watch_state_path,
 )
-from likeness.trainer.settings import Concept
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from likeness.trainer.grid import fit_text, font_size, grid_image, grid_layout, label_font, text_width
+from likeness.tasks.evaluate.image_grid import fit_text, font_size, grid_image, grid_layout, label_font, text_width
 
 
 def cell(colour: tuple[int, int, int], size=(64, 64)) -> Image.Image:

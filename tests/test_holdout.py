@@ -1,6 +1,6 @@
 import pandas as pd
 
-from likeness.trainer.holdout import heldout_ids
+from likeness.holdout import heldout_ids
 
 
 def _manifest(n_reg: int, n_person: int = 4) -> pd.DataFrame:

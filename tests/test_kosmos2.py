@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from likeness.trainer.captions import captions_stage, generate_captions, load_captioner, with_prefix
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
-from likeness.trainer.kosmos2 import GROUNDING_PROMPT, caption_from_generated, is_kosmos2, kosmos2_captions, prompt_words
-from likeness.trainer.resize import resize_stage
-from likeness.trainer.settings import CaptionerSettings, CaptionSource, Concept, ResizeSettings
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import CaptionerSettings, CaptionSource, Concept, ResizeSettings
+from likeness.stages import load_rows
+from likeness.tasks.captions import captions_stage, generate_captions, load_captioner, with_prefix
+from likeness.tasks.captions_kosmos2 import GROUNDING_PROMPT, caption_from_generated, is_kosmos2, kosmos2_captions, prompt_words
+from likeness.tasks.resize import resize_stage
+from likeness.tasks.scan import scan_stage
+from likeness.workspace import Workspace
 
 WORDS = "An image of a man woman snowman with dark hair glasses standing in room warming himself by fire".split()
 # What microsoft/kosmos-2-patch14-224 returns for its model card's snowman photo, decoded with

@@ -8,18 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from likeness.trainer import latents as latents_module
-from likeness.trainer.balancing import balance_stage
-from likeness.trainer.captions import captions_stage
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
-from likeness.trainer.conditioning import encode_text
-from likeness.trainer.latents import downscale_masks, encode_images, latents_stage, load_latents, load_text_outputs
-from likeness.trainer.manifest import manifest_stage
-from likeness.trainer.masks import masks_stage
-from likeness.trainer.resize import resize_stage
-from likeness.trainer.tiny_models import build_tiny_sdxl
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.latent_index import load_latents, load_text_outputs
+from likeness.manifest import manifest_stage
+from likeness.models.conditioning import encode_text
+from likeness.models.tiny import build_tiny_sdxl
+from likeness.tasks import latents as latents_module
+from likeness.tasks.balance import balance_stage
+from likeness.tasks.captions import captions_stage
+from likeness.tasks.latents import downscale_masks, encode_images, latents_stage
+from likeness.tasks.masks import masks_stage
+from likeness.tasks.resize import resize_stage
+from likeness.tasks.scan import scan_stage
+from likeness.workspace import Workspace
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from likeness.holdout import heldout_ids
+from likeness.models.checkpoint import load_checkpoint_metadata
+from likeness.models.loading import load_sdxl_pipeline
 from likeness.trainer import loop
-from likeness.trainer.checkpoint import load_checkpoint_metadata
-from likeness.trainer.holdout import heldout_ids
 from likeness.trainer.intervals import Interval
-from likeness.trainer.models import load_sdxl_pipeline
 from likeness.trainer.train_data import TrainData, TrainDataError
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = {"sampling": {"unit": "NEVER", "at_start": False}, "backups": {"unit": "NEVER"}}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
+from likeness.settings import LossSettings, MaskedTrainingSettings, NoiseSettings
 from likeness.trainer.loss import diffusion_losses, element_losses, log_cosh, mask_weights, timestep_weights
 from likeness.trainer.noise import (
     add_noise, sample_noise, sample_timesteps, snr, step_generator, timestep_range, training_scheduler,
 )
-from likeness.trainer.settings import LossSettings, MaskedTrainingSettings, NoiseSettings
 
 
 def sdxl_scheduler(**overrides) -> DDPMScheduler:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from likeness.trainer.manifest import COLUMNS, ManifestError, read_manifest, validate_manifest, write_manifest
+from likeness.manifest import COLUMNS, ManifestError, read_manifest, validate_manifest, write_manifest
 
 
 def _sha(path) -> str:

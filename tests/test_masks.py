@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from transformers import BatchEncoding
 
-from likeness.trainer import masks as masks_module
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
-from likeness.trainer.masks import clipseg_probabilities, masks_stage, refine
-from likeness.trainer.resize import resize_stage
-from likeness.trainer.settings import MaskSettings
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import MaskSettings
+from likeness.stages import load_rows
+from likeness.tasks import masks as masks_module
+from likeness.tasks.masks import clipseg_probabilities, masks_stage, refine
+from likeness.tasks.resize import resize_stage
+from likeness.tasks.scan import scan_stage
+from likeness.workspace import Workspace
 
 
 def _spike(size: int = 9) -> torch.Tensor:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from likeness.trainer.onetrainer import OneTrainerImportError, import_onetrainer
-from likeness.trainer.profiles import load_profile, write_profile
+from likeness.onetrainer import OneTrainerImportError, import_onetrainer
+from likeness.profiles import load_profile, write_profile
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "onetrainer-sdxl-person.json"
 FIXTURE = Path(__file__).parent / "data" / "onetrainer-sdxl-person.json"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as TransformersAdafactor
 
+from likeness.settings import Settings
 from likeness.trainer.optimizer import (
     Adafactor, AdamW, FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
     stochastic_round_,
 )
-from likeness.trainer.settings import Settings
 
 BF16_ULP_AT_1 = 2.0**-7
 

@@ -10,13 +10,12 @@ from typer.testing import CliRunner
 
 from likeness.cli import app
 from likeness.flows.prepare import prepare, prepare_stage
-from likeness.trainer import latents as latents_module
-from likeness.trainer import masks as masks_module
-from likeness.trainer.dataset import DatasetError
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.profiles import write_profile
-from likeness.trainer.stages import MissingStageError
-from likeness.trainer.workspace import PREPARE_STAGES, Workspace
+from likeness.manifest import read_manifest
+from likeness.profiles import write_profile
+from likeness.stages import MissingStageError
+from likeness.tasks import latents as latents_module, masks as masks_module
+from likeness.tasks.scan import DatasetError
+from likeness.workspace import PREPARE_STAGES, Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_flows")
 TASKS = {"scan-images": "scan", "resize-images": "resize", "compute-masks": "masks", "write-captions": "captions",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from likeness.trainer.conditioning import encode_prompt, encode_tokens, tokenize
-from likeness.trainer.prompt_weights import (
+from likeness.models.conditioning import encode_prompt, encode_tokens, tokenize
+from likeness.models.prompt_weights import (
     BREAK,
     apply_weights,
     chunk_tokens,
@@ -16,8 +16,8 @@ from likeness.trainer.prompt_weights import (
     plain_text,
     tokenize_weighted,
 )
-from likeness.trainer.sampling import generate
-from likeness.trainer.tiny_models import build_tiny_sdxl
+from likeness.models.sampling import generate
+from likeness.models.tiny import build_tiny_sdxl
 
 PLAIN = "photo of ohwx man in a black suit, natural lighting"
 D = 1 / 1.1  # one square bracket

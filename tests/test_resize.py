@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from likeness.trainer.content import HashIndex
-from likeness.trainer.dataset import scan_stage
-from likeness.trainer.resize import encode, fit_inside, prepare_image, resize_stage, to_rgb
-from likeness.trainer.settings import CaptionSource, Concept, ResizeSettings
-from likeness.trainer.stages import load_rows
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import CaptionSource, Concept, ResizeSettings
+from likeness.stages import load_rows
+from likeness.tasks.resize import encode, fit_inside, prepare_image, resize_stage, to_rgb
+from likeness.tasks.scan import scan_stage
+from likeness.workspace import Workspace
 
 WHITE = (255, 255, 255)
 

@@ -6,6 +6,7 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -13,12 +14,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-from PIL import Image
 
-from likeness.trainer import sampling
-from likeness.trainer.sampling import SAMPLERS, generate, make_scheduler, sample_filename, save_sample
-from likeness.trainer.settings import SamplerName
-from likeness.trainer.tiny_models import build_tiny_sdxl
+from likeness.models import sampling
+from likeness.models.sampling import SAMPLERS, generate, make_scheduler, sample_filename, save_sample
+from likeness.models.tiny import build_tiny_sdxl
+from likeness.settings import SamplerName
 
 PROMPT, NEGATIVE = "photo of ohwx man", "blurry, low quality"
 

@@ -8,27 +8,28 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from likeness.trainer.checkpoint import CheckpointInfo, load_checkpoint_metadata, save_single_file
-from likeness.trainer.checkpoint_sd15 import (
+from likeness.latent_index import frozen_encoders, read_latents_index
+from likeness.manifest import read_manifest
+from likeness.models.checkpoint import CheckpointInfo, load_checkpoint_metadata, save_single_file
+from likeness.models.checkpoint_sd15 import (
     ARCHITECTURE_SD15,
     save_any_checkpoint,
     save_single_file_sd15,
     sd15_original_state_dict,
 )
-from likeness.trainer.conditioning import EncoderOutput, encode_prompt_sd15, encode_tokens_sd15, tokenize
-from likeness.trainer.latents import encode_images, frozen_encoders, image_tensor, load_encoders, read_latents_index
-from likeness.trainer.settings import Settings
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.models import (
+from likeness.models.conditioning import EncoderOutput, encode_prompt_sd15, encode_tokens_sd15, tokenize
+from likeness.models.loading import (
     load_pipeline,
     load_sd15_pipeline,
     load_sdxl_pipeline,
     model_family,
     resolve_family,
 )
-from likeness.trainer.sampling import encode_prompt_pair_sd15, generate
-from likeness.trainer.tiny_models import SD15_TE_WIDTH, build_tiny_sd15, build_tiny_sdxl, save_tiny_sd15
-from likeness.trainer.workspace import Workspace
+from likeness.models.sampling import encode_prompt_pair_sd15, generate
+from likeness.models.tiny import SD15_TE_WIDTH, build_tiny_sd15, build_tiny_sdxl, save_tiny_sd15
+from likeness.settings import Settings
+from likeness.tasks.latents import encode_images, image_tensor, load_encoders
+from likeness.workspace import Workspace
 
 PARTS = ("unet", "vae", "text_encoder")
 INFO = CheckpointInfo(base_model="tiny/sd15", epoch=3, step=30, settings_hash="h")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from likeness.latent_index import read_latents_index
+from likeness.manifest import read_manifest
+from likeness.models.loading import load_sd15_pipeline
+from likeness.tasks.evaluate.class_prior import deterministic_loss, loss_rows
+from likeness.tasks.evaluate.grid import Candidate, load_candidate
 from likeness.trainer import loop
-from likeness.trainer.class_prior import deterministic_loss, loss_rows
-from likeness.trainer.evaluate import Candidate, load_candidate
-from likeness.trainer.latents import read_latents_index
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.models import load_sd15_pipeline
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRAINED = ("unet", "text_encoder")

@@ -6,12 +6,12 @@ import json
 import pytest
 from PIL import Image
 
-from likeness.trainer.content import HashIndex
-from likeness.trainer.evaluate import eval_table, write_eval_table
-from likeness.trainer.selection import SelectionError, choose, guard_failures, likeness, scores_table, select_stage
-from likeness.trainer.settings import SelectionSettings
-from likeness.trainer.stages import Counts
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex
+from likeness.settings import SelectionSettings
+from likeness.stages import Counts
+from likeness.tasks.evaluate.grid import eval_table, write_eval_table
+from likeness.tasks.evaluate.select import SelectionError, choose, guard_failures, likeness, scores_table, select_stage
+from likeness.workspace import Workspace
 
 BASE = {"checkpoint": "base", "epoch": None, "step": 0, "base": True, "dino": 0.30, "clip_i": 0.50, "clip_t": 0.30,
         "class_prior_loss": 0.20, "validation_loss": 0.40}

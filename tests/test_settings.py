@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from likeness.trainer.profiles import (
+from likeness.profiles import (
     SettingsError,
     apply_override,
     available_profiles,
@@ -13,7 +13,7 @@ from likeness.trainer.profiles import (
     settings_to_toml,
     validate_settings,
 )
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 
 TEXT = {"source": "text", "text": "ohwx man"}
 

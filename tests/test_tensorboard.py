@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from likeness.cli import app
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 from likeness.trainer.tensorboard import TensorBoardMissing, TensorBoardSink, sinks_from_settings
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 
 def read_events(logdir) -> EventAccumulator:

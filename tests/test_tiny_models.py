@@ -16,8 +16,8 @@ from PIL import Image
 from skimage.data import astronaut
 from transformers import CLIPTokenizer
 
-from likeness.trainer.models import is_local_path, load_clipseg, load_sdxl_pipeline
-from likeness.trainer.tiny_models import (
+from likeness.models.loading import is_local_path, load_clipseg, load_sdxl_pipeline
+from likeness.models.tiny import (
     MARKER,
     TE1_WIDTH,
     TE2_PROJECTION,

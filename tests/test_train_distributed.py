@@ -14,7 +14,7 @@ import hashlib, json, sys
 import torch
 from likeness.trainer import loop
 from likeness.trainer.epoch_sampler import steps_per_epoch
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 
 settings = Settings.model_validate_json(open(sys.argv[1]).read())
 seen = {}
@@ -29,7 +29,7 @@ digest = hashlib.sha256()
 for p in list(seen["pipe"].unet.parameters()) + list(seen["pipe"].text_encoder.parameters()):
     digest.update(p.detach().numpy().tobytes())
 from likeness.trainer.train_data import TrainData
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 concepts = TrainData(Workspace.from_settings(settings), settings).concepts
 print("RESULT " + json.dumps({"rank": torch.distributed.get_rank(), "world": torch.distributed.get_world_size(),
       "steps": result.steps, "promised": steps_per_epoch(concepts, settings.training.batch_size, 2),

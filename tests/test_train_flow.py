@@ -4,12 +4,11 @@ changed is `Cached` (no model loaded); a missing prepare stage is a clear error.
 import time
 
 import pytest
-
 from typer.testing import CliRunner
 
 from likeness.cli import app
 from likeness.flows.train import train
-from likeness.trainer.profiles import write_profile
+from likeness.profiles import write_profile
 from likeness.trainer import loop
 from likeness.trainer.train_data import TrainDataError
 

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from likeness.trainer.backup import list_backups
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 SCRIPT = """
 import json, sys, time
 from likeness.trainer.loop import train
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 
 settings = Settings.model_validate_json(open(sys.argv[1]).read())
 delay = float(sys.argv[2])

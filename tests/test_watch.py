@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 
 from likeness.cli import app
 from likeness.flows.watch import watch_dataset
+from likeness.profiles import write_profile
 from likeness.tasks import watch as watch_tasks
-from likeness.trainer.fingerprint import WatchState, record_trained, watch_state_path
-from likeness.trainer.profiles import write_profile
+from likeness.tasks.watch import WatchState, record_trained, watch_state_path
 
 
 @pytest.fixture
 def settings(tmp_path, photo):
     """Two concept folders of real photos and a workspace (the watcher loads no model)."""
-    from likeness.trainer.settings import Settings
+    from likeness.settings import Settings
 
     person, reg = tmp_path / "photos" / "person", tmp_path / "photos" / "reg"
     for i in range(3):

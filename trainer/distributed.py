@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from likeness.trainer.devices import resolve_device
+from likeness.models.devices import resolve_device
 
 
 @dataclass

@@ -28,26 +28,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from likeness.content import HashIndex, digest_parts, file_digest, folder_digest, model_fingerprint
+from likeness.latent_index import model_parts, settings_family
+from likeness.models.checkpoint import CheckpointInfo, checkpoint_filename
+from likeness.models.checkpoint_sd15 import save_any_checkpoint
+from likeness.models.conditioning import EncoderOutput, encode_prompt, encode_prompt_sd15
+from likeness.models.loading import load_pipeline
+from likeness.models.sampling import generate, sample_filename, save_sample
+from likeness.settings import Settings
 from likeness.trainer.backup import Backup, latest_backup, restore_rng, save_backup
-from likeness.trainer.checkpoint import CheckpointInfo, checkpoint_filename
-from likeness.trainer.checkpoint_sd15 import save_any_checkpoint
-from likeness.trainer.conditioning import EncoderOutput, encode_prompt, encode_prompt_sd15
-from likeness.trainer.content import HashIndex, digest_parts, file_digest, folder_digest, model_fingerprint
 from likeness.trainer.distributed import Processes, average_gradients, mean_over_processes, start_processes
 from likeness.trainer.ema import EMA
 from likeness.trainer.intervals import Interval
 from likeness.trainer.loss import diffusion_losses
-from likeness.trainer.latents import model_parts, settings_family
 from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine, memory_stats
-from likeness.trainer.models import load_pipeline
 from likeness.trainer.noise import add_noise, step_generator, training_scheduler
 from likeness.trainer.optimizer import (
     FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
 )
-from likeness.trainer.sampling import generate, sample_filename, save_sample
-from likeness.trainer.settings import Settings
 from likeness.trainer.train_data import Batch, TrainData
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 TRAIN_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -405,7 +405,7 @@ def save_final(t: Trainer) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m likeness.trainer.loop PROFILE [key=value ...]` (the overrides as `--set` takes them)."""
-    from likeness.trainer.profiles import load_profile
+    from likeness.profiles import load_profile
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO)

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from likeness.settings import LossSettings, MaskedTrainingSettings
 from likeness.trainer.noise import snr
-from likeness.trainer.settings import LossSettings, MaskedTrainingSettings
 
 
 def log_cosh(diff: torch.Tensor) -> torch.Tensor:

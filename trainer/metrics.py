@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from likeness.trainer.files import atomic_path, write_atomic
+from likeness.files import atomic_path, write_atomic
 
 
 @runtime_checkable

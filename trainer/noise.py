@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
-from likeness.trainer.settings import NoiseSettings
+from likeness.settings import NoiseSettings
 
 
 @dataclass

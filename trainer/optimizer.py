@@ -24,7 +24,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
-from likeness.trainer.settings import ScheduleSettings, Settings, TrainingSettings
+from likeness.settings import ScheduleSettings, Settings, TrainingSettings
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from likeness.trainer.settings import Settings
-from likeness.trainer.workspace import Workspace
+from likeness.settings import Settings
+from likeness.workspace import Workspace
 
 INSTALL_HINT = "pip install 'likeness[tensorboard]' (or pip install tensorboard)"
 DEFAULT_PORT = 6006

@@ -29,16 +29,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from likeness.trainer.conditioning import EncoderOutput
+from likeness.holdout import heldout_ids
+from likeness.latent_index import epoch_rows, index_time_ids, load_latents, load_text_outputs, model_parts, read_latents_index
+from likeness.manifest import read_manifest
+from likeness.models.conditioning import EncoderOutput
+from likeness.settings import Settings
+from likeness.stages import PrepareError
 from likeness.trainer.epoch_sampler import ConceptItems, EpochSampler, Sample
-from likeness.trainer.holdout import heldout_ids
-from likeness.trainer.latents import (
-    epoch_rows, index_time_ids, load_latents, load_text_outputs, model_parts, read_latents_index,
-)
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import PrepareError
-from likeness.trainer.workspace import Workspace
+from likeness.workspace import Workspace
 
 
 class TrainDataError(PrepareError):

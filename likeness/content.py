@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from likeness.trainer.files import write_atomic
+from likeness.files import write_atomic
 
 
 def file_digest(path: str | Path) -> str:

@@ -16,7 +16,7 @@ Small string metadata rides along (base model, epoch, step, settings hash, liken
 `modelspec.architecture`); `load_checkpoint_metadata` reads it back. Every file is written
 atomically: a killed save never leaves a file under the final name.
 
-    python -m likeness.trainer.checkpoint DIFFUSERS_FOLDER OUT.safetensors [--dtype bfloat16]
+    python -m likeness.models.checkpoint DIFFUSERS_FOLDER OUT.safetensors [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from likeness.trainer.files import atomic_path
+from likeness.files import atomic_path
 
 ARCHITECTURE = "stable-diffusion-xl-v1-base"
 UNET_PREFIX = "model.diffusion_model."
@@ -341,7 +341,7 @@ def load_checkpoint_metadata(path: str | Path) -> CheckpointInfo:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from likeness.trainer.models import load_sdxl_pipeline
+    from likeness.models.loading import load_sdxl_pipeline
 
     parser = argparse.ArgumentParser(description="Convert an SDXL model to one A1111/ComfyUI .safetensors file.")
     parser.add_argument("model", help="diffusers folder, hub id or single-file checkpoint")

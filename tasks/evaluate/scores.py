@@ -2,7 +2,7 @@
 
 - dino, clip_i (likeness): mean pairwise cosine similarity of the column's generated images and
   the subject's training photos (manifest rows of subject concepts, no validation concepts),
-  both as head crops when `evaluation.head_crops` (see `trainer/embeddings.py`);
+  both as head crops when `evaluation.head_crops` (see `likeness/models/embeddings.py`);
 - clip_t (prompt fidelity): CLIP similarity of each whole generated image with its prompt;
 - class_prior_loss, validation_loss: measured by the grid stage with the loaded weights.
 Metrics not in `evaluation.metrics` are None. Each (checkpoint, metric) value is a record keyed by
@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 
-from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
-from likeness.trainer.devices import resolve_device
-from likeness.trainer.embeddings import (
+from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
+from likeness.files import write_atomic
+from likeness.manifest import read_manifest
+from likeness.models.devices import resolve_device
+from likeness.models.embeddings import (
     clip_text_embeddings,
     clipseg_head_masks,
     embed_images,
@@ -34,21 +38,20 @@ from likeness.trainer.embeddings import (
     mean_paired_similarity,
     mean_pairwise_similarity,
 )
-from likeness.trainer.evaluate import (
+from likeness.models.prompt_weights import plain_text
+from likeness.settings import Settings
+from likeness.stages import Counts, ItemRecords, Row, StageResult
+from likeness.tasks.common import StagePolicy
+from likeness.tasks.evaluate.grid import (
     LOSSES,
     EvaluationError,
     evaluation_dir,
     read_eval_table,
     write_eval_table,
 )
-from likeness.trainer.files import write_atomic
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.masks import item_settings
-from likeness.trainer.prompt_weights import plain_text
-from likeness.trainer.selection import METRICS, likeness
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import Counts, ItemRecords, Row, StageResult
-from likeness.trainer.workspace import Workspace
+from likeness.tasks.evaluate.select import METRICS, likeness
+from likeness.tasks.masks import item_settings
+from likeness.workspace import Workspace
 
 SCORES_VERSION = 2  # 2: CLIP-T reads plain_text(prompt)
 IMAGE_METRICS = {"dino": "dino", "clip_i": "clip", "clip_t": "clip"}  # metric -> embedder kind
@@ -113,7 +116,7 @@ class Inputs:
         self._clipseg = cache(self._load_clipseg)
 
     def _load_clipseg(self) -> tuple:
-        from likeness.trainer.masks import load_model
+        from likeness.tasks.masks import load_model
 
         return load_model(self.settings.masks.model, self.settings.run.device)
 
@@ -185,3 +188,15 @@ def _text(value: Any) -> str | None:
     """A manifest cell as a string, or None for an empty one (pandas reads those as NaN)."""
     return value if isinstance(value, str) and value else None
 
+
+# --- Prefect task ----------------------------------------------------------------------------
+
+
+@task(name="score-checkpoints", cache_policy=StagePolicy(key_fn=scores_key))
+def score_checkpoints(grid: StageResult, settings: Settings, ws: Workspace) -> StageResult:
+    """Likeness (DINO, CLIP-I), prompt fidelity (CLIP-T) and the losses, one row per checkpoint."""
+    result = scores_stage(grid, settings, ws, HashIndex(ws.hash_index))
+    rows = [{k: v for k, v in row.items() if k != "path"} for row in read_eval_table(result)["rows"]]
+    create_table_artifact(rows, key="scores", description="Scores per checkpoint (base model first)")
+    get_run_logger().info(result.summary())
+    return result

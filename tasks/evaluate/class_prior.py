@@ -23,13 +23,13 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from likeness.trainer.checkpoint_sd15 import is_sd15_pipeline
-from likeness.trainer.conditioning import encode_prompt, encode_prompt_sd15, time_ids
-from likeness.trainer.holdout import heldout_ids
-from likeness.trainer.latents import load_latents, load_text_outputs
+from likeness.holdout import heldout_ids
+from likeness.latent_index import load_latents, load_text_outputs
+from likeness.models.checkpoint_sd15 import is_sd15_pipeline
+from likeness.models.conditioning import encode_prompt, encode_prompt_sd15, time_ids
+from likeness.settings import MaskedTrainingSettings, Settings
 from likeness.trainer.loss import diffusion_losses
 from likeness.trainer.noise import resolve_prediction_type, sample_noise, timestep_range, training_scheduler
-from likeness.trainer.settings import MaskedTrainingSettings, Settings
 
 LossKind = Literal["class_prior", "validation"]
 UNMASKED = MaskedTrainingSettings(enabled=False)

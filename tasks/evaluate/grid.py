@@ -1,6 +1,6 @@
 """Evaluation, stage "grid": every checkpoint (and the base model) x the evaluation prompts x N
 seeds, generated with the same seeds for every checkpoint, as labelled grids; and each
-checkpoint's deterministic class-prior and validation losses (`trainer/class_prior.py`), which
+checkpoint's deterministic class-prior and validation losses (`tasks/evaluate/class_prior.py`), which
 need the same loaded weights.
 
 Everything is cached per item by content: an image's record is keyed by (checkpoint content
@@ -31,18 +31,21 @@ from typing import Any
 import pandas as pd
 import torch
 from PIL import Image
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
-from likeness.trainer.checkpoint import FOLDER_METADATA, load_checkpoint_metadata
-from likeness.trainer.class_prior import LossKind, deterministic_loss, loss_rows
-from likeness.trainer.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
-from likeness.trainer.devices import resolve_device
-from likeness.trainer.files import write_atomic
-from likeness.trainer.grid import grid_image, thumbnail
-from likeness.trainer.manifest import read_manifest
-from likeness.trainer.sampling import generate, save_sample
-from likeness.trainer.settings import Settings
-from likeness.trainer.stages import Counts, ItemRecords, PrepareError, Progress, Row, StageResult, map_cached
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
+from likeness.files import write_atomic
+from likeness.manifest import read_manifest
+from likeness.models.checkpoint import FOLDER_METADATA, load_checkpoint_metadata
+from likeness.models.devices import resolve_device
+from likeness.models.sampling import generate, save_sample
+from likeness.settings import Settings
+from likeness.stages import Counts, ItemRecords, PrepareError, Progress, Row, StageResult, map_cached
+from likeness.tasks.common import StagePolicy
+from likeness.tasks.evaluate.class_prior import LossKind, deterministic_loss, loss_rows
+from likeness.tasks.evaluate.image_grid import grid_image, thumbnail
+from likeness.workspace import Workspace
 
 EVALUATE_VERSION = 1
 LOSSES: dict[str, LossKind] = {"class_prior_loss": "class_prior", "validation_loss": "validation"}
@@ -125,7 +128,7 @@ def candidates(checkpoints: list[str | Path], settings: Settings, index: HashInd
 
 def load_candidate(candidate: Candidate, settings: Settings, device: torch.device) -> Any:
     """The SDXL or SD 1.5 pipeline of a column (float32 on CPU, the training dtype on a GPU)."""
-    from likeness.trainer.models import is_single_file, load_pipeline
+    from likeness.models.loading import is_single_file, load_pipeline
 
     base, config = settings.model.base_model, settings.model.config
     if config is None and not candidate.is_base and not is_single_file(base):
@@ -299,3 +302,17 @@ def _data_uri(path: Path, max_side: int) -> str:
     buffer = io.BytesIO()
     thumbnail(Image.open(path).convert("RGB"), max_side).save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- Prefect task ----------------------------------------------------------------------------
+
+
+@task(name="generate-grid", tags=["gpu"], cache_policy=StagePolicy(key_fn=grid_key))  # holds the GPU slot
+def generate_grid(checkpoints: list[str], settings: Settings, ws: Workspace) -> StageResult:
+    """Base model + every checkpoint x prompts x seeds (same seeds everywhere), labelled grids, losses."""
+    logger = get_run_logger()
+    result = grid_stage(checkpoints, settings, ws, HashIndex(ws.hash_index),
+                        lambda done, total: logger.info("grid: %d / %d columns done", done, total))
+    create_markdown_artifact(grid_markdown(result), key="grid", description="Checkpoints x prompts x seeds")
+    logger.info("%s; overview: %s", result.summary(), read_eval_table(result)["extra"]["grids"][-1])
+    return result

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from likeness.trainer.profiles import SettingsError, validate_settings
-from likeness.trainer.settings import Settings
+from likeness.profiles import SettingsError, validate_settings
+from likeness.settings import Settings
 
 SUPPORTED_VERSION = 6
 MODEL_TYPES = {"STABLE_DIFFUSION_XL_10_BASE": "sdxl", "STABLE_DIFFUSION_15": "sd15"}

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from likeness.trainer.conditioning import MAX_TOKENS, EncoderOutput, encode_prompt, encode_tokens
+from likeness.models.conditioning import MAX_TOKENS, EncoderOutput, encode_prompt, encode_tokens
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1

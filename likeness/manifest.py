@@ -29,15 +29,15 @@ from pathlib import Path
 
 import pandas as pd
 import pandera.pandas as pa
+from PIL import Image
 from pandera.errors import SchemaErrors
 from pandera.typing.pandas import Series
-from PIL import Image
 
-from likeness.trainer.content import HashIndex, bytes_digest, digest_parts
-from likeness.trainer.files import write_atomic
-from likeness.trainer.settings import Concept
-from likeness.trainer.stages import Counts, PrepareError, StageResult, load_rows, write_table
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex, bytes_digest, digest_parts
+from likeness.files import write_atomic
+from likeness.settings import Concept
+from likeness.stages import Counts, PrepareError, StageResult, load_rows, write_table
+from likeness.workspace import Workspace
 
 MANIFEST_VERSION = 2  # 2: bucket column
 HEX64 = r"^[0-9a-f]{64}$"

@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from likeness.trainer.content import HashIndex, bytes_digest, file_digest
-from likeness.trainer.files import write_atomic
-from likeness.trainer.workspace import Workspace
+from likeness.content import HashIndex, bytes_digest, file_digest
+from likeness.files import write_atomic
+from likeness.workspace import Workspace
 
 Row = dict[str, Any]
 Progress = Callable[[int, int], None]  # (items done, items in all)

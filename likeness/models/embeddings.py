@@ -8,7 +8,7 @@ DINO and CLIP-I measure likeness, on head crops: the box of the person's mask on
 photo; on a generated image the box of a CLIPSeg head mask, or a centre crop when it finds none.
 
 Every embedding function takes a loaded `Embedder` and images (or texts) and returns (N, D) unit
-vectors; models load through `trainer/models.py` (hub ids or folders, tiny ones in tests).
+vectors; models load through `likeness/models/loading.py` (hub ids or folders, tiny ones in tests).
 
     dino = load_embedder("dino", "facebook/dino-vits16", device)
     similarity = mean_pairwise_similarity(embed_images(dino, generated), embed_images(dino, photos))
@@ -42,7 +42,7 @@ class Embedder:
 
 
 def load_embedder(kind: str, name: str, device: torch.device) -> Embedder:
-    from likeness.trainer.models import load_clip, load_dino
+    from likeness.models.loading import load_clip, load_dino
 
     loaders: dict[str, Callable] = {"dino": load_dino, "clip": load_clip}
     model, processor = loaders[kind](name)
@@ -146,7 +146,7 @@ def head_crop(image: Image.Image, mask: np.ndarray | None) -> Image.Image:
 
 def clipseg_head_masks(images: Sequence[Image.Image], clipseg: tuple, mask_settings: Any) -> list[np.ndarray]:
     """uint8 (H, W) head masks of generated images with the prepare stage's CLIPSeg algorithm."""
-    from likeness.trainer.masks import segment
+    from likeness.tasks.masks import segment
 
     model, processor, device = clipseg
     return segment([i.convert("RGB") for i in images], model, processor, mask_settings, device)

@@ -7,8 +7,8 @@ DPMSolverSDEScheduler with Karras sigmas, which needs `torchsde`; its multistep 
 "DPM++ 2M SDE Karras"). Schedulers are built `from_config` of the model's own scheduler config,
 so the base model's beta schedule, prediction type and timestep spacing carry over.
 
-`generate` encodes prompts with `likeness.trainer.conditioning` (the code training uses), through
-`likeness.trainer.prompt_weights` (A1111 weights such as `(ohwx man:1.2)`, prompts past 77 tokens;
+`generate` encodes prompts with `likeness.models.conditioning` (the code training uses), through
+`likeness.models.prompt_weights` (A1111 weights such as `(ohwx man:1.2)`, prompts past 77 tokens;
 plain short prompts encode bit-identically), and hands the embeddings to the diffusers pipeline.
 Each image gets its own CPU generator seeded with its seed, so an image depends on (weights,
 prompt, seed, settings) only: not on the batch it was in, nor the device. The negative prompt is always encoded as text, an empty one too.
@@ -32,15 +32,15 @@ import diffusers
 import torch
 from PIL import Image
 
-from likeness.trainer.conditioning import encode_tokens_sd15
-from likeness.trainer.prompt_weights import (
+from likeness.files import atomic_path
+from likeness.models.conditioning import encode_tokens_sd15
+from likeness.models.prompt_weights import (
     apply_weights,
     count_chunks,
     encode_prompt_pair,
     parse_prompt,
     tokenize_weighted,
 )
-from likeness.trainer.files import atomic_path
 
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 

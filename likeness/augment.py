@@ -9,7 +9,7 @@ image only. `random` draws the strength uniformly in [-max, max] (factors 1 +- m
 flip: half the variations), `fixed` always applies the max. Epoch e trains on image variation
 e % image_variations and text variation e % text_variations (OneTrainer's variation cycling).
 
-Tag shuffle happens at caption time, once per text variation (see trainer/captions.py): the
+Tag shuffle happens at caption time, once per text variation (see tasks/captions.py): the
 caption a variation holds is fixed, so frozen text encoders' outputs stay cacheable per caption,
 and both encoders always see the same text. More variations give more orders.
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from likeness.trainer.buckets import Bucket, centre_crop, cover_size, jittered_crop
-from likeness.trainer.settings import ImageAugmentations
+from likeness.buckets import Bucket, centre_crop, cover_size, jittered_crop
+from likeness.settings import ImageAugmentations
 
 MASK_ROTATE_MAX_ANGLE = 20.0  # degrees, as OneTrainer's RandomMaskRotateCrop is configured
 MASK_PADDING_PERCENT = (10.0, 30.0)  # padding around the mask's box, drawn per side

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from likeness.trainer.settings import Settings
+from likeness.settings import Settings
 
 PREPARE_STAGES = ("scan", "resize", "masks", "captions", "balance", "manifest", "latents")
 

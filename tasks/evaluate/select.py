@@ -22,6 +22,7 @@ Outputs: the chosen checkpoint copied atomically to `settings.output_destination
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -30,12 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from likeness.trainer.content import HashIndex, digest_parts, file_digest
-from likeness.trainer.evaluate import EvaluationError, eval_table, evaluation_dir, read_eval_table, write_eval_table
-from likeness.trainer.files import atomic_path, write_atomic
-from likeness.trainer.settings import SelectionSettings
-from likeness.trainer.stages import Counts, StageResult
-from likeness.trainer.workspace import Workspace
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from likeness.content import HashIndex, digest_parts, file_digest
+from likeness.files import atomic_path, write_atomic
+from likeness.settings import SelectionSettings
+from likeness.stages import Counts, StageResult
+from likeness.tasks.common import StagePolicy
+from likeness.tasks.evaluate.grid import EvaluationError, eval_table, evaluation_dir, read_eval_table, write_eval_table
+from likeness.workspace import Workspace
 
 METRICS = ("dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss")
 LIKENESS_METRICS = ("dino", "clip_i")
@@ -291,4 +296,24 @@ def select_stage(scores: StageResult, selection: SelectionSettings, destination:
              "table": score_table(rows, choice)}
     result = write_eval_table(ws, "select", [choice.row], Counts(processed=1), outputs, extra)
     index.save()
+    return result
+
+
+# --- Prefect task ----------------------------------------------------------------------------
+
+
+@task(name="select-checkpoint", cache_policy=StagePolicy(key_fn=select_key))
+def select_checkpoint(scores: StageResult, selection: SelectionSettings, destination: Path, ws: Workspace) -> StageResult:
+    """The best checkpoint by the selection rule, copied to the output destination, with its report."""
+    result = select_stage(scores, selection, destination, ws, HashIndex(ws.hash_index))
+    extra = read_eval_table(result)["extra"]
+    plot = Path(extra["plot"])
+    inline = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode("ascii")
+    create_markdown_artifact(extra["markdown"].replace(f"]({plot.name})", f"]({inline})"), key="selection",
+                             description=extra["reason"])
+    create_table_artifact(extra["table"], key="selection-table", description="Scores and guards per checkpoint")
+    logger = get_run_logger()
+    for warning in extra["warnings"]:
+        logger.warning(warning)
+    logger.info("%s -> %s: %s", extra["chosen"], extra["copied"], extra["reason"])
     return result

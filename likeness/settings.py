@@ -5,7 +5,7 @@ Defaults are the reference run of MISSION.md (SDXL full fine-tune of one person,
 settings). Every stage reads its own section (`settings.masks`, `settings.training`, ...), so a
 stage's cache key can hash exactly the settings it uses.
 
-    from likeness.trainer.settings import Settings
+    from likeness.settings import Settings
     settings = Settings.model_validate({"training": {"epochs": 3}})
 """
 

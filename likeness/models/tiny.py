@@ -7,12 +7,12 @@ deterministically from a built-in corpus of typical prompt words, with CLIP's co
 (lowercase, `</w>` end-of-word suffix, `<|startoftext|>` / `<|endoftext|>`, all 256 byte
 characters, so any text encodes without unknown tokens).
 
-    python -m likeness.trainer.tiny_models OUT_DIR [--seed 0]   # or: likeness tiny-models OUT_DIR
+    python -m likeness.models.tiny OUT_DIR [--seed 0]   # or: likeness tiny-models OUT_DIR
 
 writes OUT_DIR/sdxl (a diffusers StableDiffusionXLPipeline folder), OUT_DIR/clipseg (a
 CLIPSegForImageSegmentation + CLIPSegProcessor folder), OUT_DIR/dino (a ViTModel + image
 processor, the evaluation's DINO) and OUT_DIR/clip (a CLIPModel + CLIPProcessor, the evaluation's
-CLIP-I / CLIP-T); load them with `likeness.trainer.models.load_sdxl_pipeline` / `load_clipseg` /
+CLIP-I / CLIP-T); load them with `likeness.models.loading.load_sdxl_pipeline` / `load_clipseg` /
 `load_dino` / `load_clip` like any real model. `save_tiny_sd15(OUT_DIR)` writes OUT_DIR/sd15, a tiny
 SD 1.5-shaped StableDiffusionPipeline folder (one text encoder, no addition embeddings) for
 `load_sd15_pipeline`.
@@ -305,7 +305,7 @@ def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
 
 
 def _marker(kind: str, seed: int) -> dict[str, object]:
-    return {"builder": "likeness.trainer.tiny_models", "version": BUILDER_VERSION, "kind": kind, "seed": seed}
+    return {"builder": "likeness.models.tiny", "version": BUILDER_VERSION, "kind": kind, "seed": seed}
 
 
 def is_complete(folder: Path, kind: str, seed: int) -> bool:

@@ -2,14 +2,14 @@
 original (CompVis / A1111 / ComfyUI) layout, and `save_any_checkpoint`, which picks the SDXL or
 SD 1.5 writer from the pipeline.
 
-Layout of the file (the UNet and VAE rename rules are the SDXL ones of `trainer/checkpoint.py`,
+Layout of the file (the UNet and VAE rename rules are the SDXL ones of `likeness/models/checkpoint.py`,
 derived from each model's config; SD 1.5 has no `add_embedding`, so no `label_emb`):
 
     model.diffusion_model.*                 UNet
     first_stage_model.*                     VAE
     cond_stage_model.transformer.text_model.*   the text encoder (Hugging Face CLIP keys)
 
-    python -m likeness.trainer.checkpoint_sd15 DIFFUSERS_FOLDER OUT.safetensors [--dtype bfloat16]
+    python -m likeness.models.checkpoint_sd15 DIFFUSERS_FOLDER OUT.safetensors [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from likeness.trainer.checkpoint import (
+from likeness.files import atomic_path
+from likeness.models.checkpoint import (
     DTYPES,
     TE1_PREFIX,
     CheckpointInfo,
@@ -34,7 +35,6 @@ from likeness.trainer.checkpoint import (
     unet_to_original,
     vae_to_original,
 )
-from likeness.trainer.files import atomic_path
 
 ARCHITECTURE_SD15 = "stable-diffusion-v1"
 SD15_TE_PREFIX = "cond_stage_model.transformer."
@@ -53,7 +53,7 @@ def sd15_original_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_e
     """
     if getattr(unet.config, "addition_embed_type", None):
         raise ValueError(f"unet: addition_embed_type {unet.config.addition_embed_type!r} is an SDXL-style UNet; "
-                         "save it with the SDXL layout (likeness.trainer.checkpoint.save_single_file)")
+                         "save it with the SDXL layout (likeness.models.checkpoint.save_single_file)")
     target = output_dtype(dtype)
     merged = unet_to_original(unet.state_dict(), unet.config)
     merged |= vae_to_original(vae.state_dict(), vae.config)
@@ -91,7 +91,7 @@ def save_any_checkpoint(pipe: Any, path: str | Path, info: CheckpointInfo, dtype
 
 
 def main(argv: list[str] | None = None) -> None:
-    from likeness.trainer.models import load_pipeline
+    from likeness.models.loading import load_pipeline
 
     parser = argparse.ArgumentParser(
         description="Convert an SD 1.5 or SDXL model to one A1111/ComfyUI .safetensors file.")

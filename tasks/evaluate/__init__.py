@@ -1,0 +1,1 @@
+"""Evaluation stages: the grid (generation and losses), the scores, and the selection."""
