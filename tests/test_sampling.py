@@ -85,7 +85,6 @@ def test_a1111_sde_without_torchsde_is_a_clear_error(pipe, monkeypatch, name, in
 
 
 def test_a1111_sde_karras_is_dpmsolver_sde_when_torchsde_is_there(pipe):
-    pytest.importorskip("torchsde")
     scheduler = make_scheduler("DPM++ SDE Karras", pipe.scheduler.config, seed=5)
     assert type(scheduler).__name__ == "DPMSolverSDEScheduler"
     assert scheduler.config.use_karras_sigmas is True and scheduler.config.noise_sampler_seed == 5
