@@ -288,6 +288,7 @@ class TrainingSettings(Section):
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
     tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Steps with a NaN/inf loss or gradient (never applied: skipped, or rolled back to the last backup) after which training stops with an error.")
 
     @model_validator(mode="after")
     def _vae_frozen(self) -> TrainingSettings:
