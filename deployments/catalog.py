@@ -145,6 +145,8 @@ def serve_all(settings: Settings, profile: str, overrides: list[str] | None = No
 
 # --- prefect.yaml ----------------------------------------------------------------------------
 
+K8S_WORKSPACE = "/workspace/likeness"  # on the Kubernetes pools' shared volume
+
 POOLS = {
     "cpu": {"name": "cpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": ""}}},
     "gpu": {"name": "gpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": "0"}}},
@@ -166,7 +168,25 @@ def yaml_deployments(profile: str = "demo-cpu") -> list[dict[str, Any]]:
         if spec.name == "pipeline":
             row["triggers"] = [copy.deepcopy(RETRAIN_TRIGGER)]
         rows.append(row)
-    return rows
+    return rows + [kubernetes_twin(row) for row in rows]
+
+
+def kubernetes_twin(row: dict[str, Any]) -> dict[str, Any]:
+    """The same deployment on a Kubernetes pool (`k8s-gpu` / `k8s-cpu`, deployments/kubernetes/):
+    it runs in the worker image, where the project is at /opt/likeness, and its workspace lives on
+    the pool's shared volume (/workspace)."""
+    twin = copy.deepcopy(row)
+    pool = row["work_pool"]["name"]
+    twin["name"] = f"{row['name']}-k8s"
+    twin["tags"] = ["likeness", f"k8s-{pool}-pool"]
+    twin["parameters"]["overrides"] = [f"run.workspace={K8S_WORKSPACE}"]
+    env = dict(row["work_pool"]["job_variables"]["env"])
+    if pool == "gpu":
+        env.pop("CUDA_VISIBLE_DEVICES")  # the pod sees only the GPUs it was given
+    twin["work_pool"] = {"name": f"k8s-{pool}", "job_variables": {"env": env}}
+    twin["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/likeness"}}]
+    twin.pop("triggers", None)  # one retrain trigger (the process pool's): not two pipelines per change
+    return twin
 
 
 YAML_HEADER = """\
@@ -180,6 +200,11 @@ YAML_HEADER = """\
 #   prefect deploy --all                          # from this folder
 #   prefect worker start --pool cpu               # anywhere
 #   prefect worker start --pool gpu               # on the GPU box (CUDA_VISIBLE_DEVICES below)
+#
+# The `-k8s` twins run on Kubernetes pools (Job per run, image deployments/kubernetes/Dockerfile):
+#   prefect work-pool create k8s-cpu --type kubernetes --base-job-template deployments/kubernetes/cpu-pool.json
+#   prefect work-pool create k8s-gpu --type kubernetes --base-job-template deployments/kubernetes/gpu-pool.json
+#   prefect worker start --pool k8s-gpu --type kubernetes   # in the cluster; see docs/kubernetes.md
 """
 
 
