@@ -9,7 +9,7 @@ process trains its slice of every batch; gradients are averaged before each opti
 process 0 alone writes samples, checkpoints, backups and reports.
 
     python -m likeness.trainer.loop PROFILE [training.epochs=2 ...]      # after `likeness prepare`
-    accelerate launch --num_processes 2 --cpu -m likeness.trainer.loop demo-cpu
+    accelerate launch --multi_gpu --num_processes 2 -m likeness.trainer.loop demo-cpu   # 2 CPU processes (gloo)
 
     result = train(settings, log=print, sinks=[TensorBoardSink(...)])
 """
