@@ -47,6 +47,7 @@ class RunSettings(Section):
     retries: int = Field(2, ge=0, le=20, description="Prefect retries of each stage after a transient failure.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="Delay between retries.")
     workers: int = Field(0, ge=0, le=256, description="Threads for hashing, decoding and resizing images in the prepare stages; 0: one per CPU core.")
+    crash_resumes: int = Field(3, ge=0, le=100, description="Times a crashed training run (killed, out of memory, lost node) is started again by itself, resuming from its last backup (the crash-resume automation of the train deployment); 0: never.")
 
 
 class ModelSettings(Section):
