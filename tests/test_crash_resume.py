@@ -53,3 +53,75 @@ def test_past_the_limit_the_run_refuses_naming_the_crashes():
     entry.check_resumes(0, 3)
     with pytest.raises(entry.CrashedTooOftenError, match=r"crashed 4 times in a row \(run.crash_resumes = 3\)"):
         entry.check_resumes(4, 3)
+
+
+# --- for real: a server, `likeness serve`, a SIGKILL ------------------------------------------
+
+
+def _flow_run_processes(run_id: str) -> list[int]:
+    """Processes started for one flow run (the runner gives each its id in the environment)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PREFECT__FLOW_RUN_ID={run_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+@pytest.mark.slow
+def test_a_killed_training_is_started_again_and_ends_with_the_weights_of_an_uninterrupted_run(served, tmp_path):
+    import os
+    import shutil
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from likeness.workspace import Workspace
+
+    def overrides(workspace):
+        return [f"run.workspace={workspace}", "training.epochs=1", "sampling.at_start=false", "sampling.unit=NEVER",
+                "saving.unit=NEVER", "backups.every=1", "backups.unit=STEP"]
+
+    crashed_ws, clean_ws = tmp_path / "crashed", tmp_path / "clean"
+    prepared = served.wait(served.create_run("likeness-prepare/prepare", {"overrides": overrides(crashed_ws)}).json()["id"])
+    assert prepared["state"]["type"] == "COMPLETED", prepared["state"]
+    shutil.copytree(crashed_ws, clean_ws)
+
+    run = served.create_run("likeness-train/train", {"overrides": overrides(crashed_ws)}).json()
+    deadline = time.monotonic() + 120
+    while not list(Workspace(crashed_ws).backups.glob("backup-*")):
+        assert time.monotonic() < deadline and served.api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] \
+            in ("SCHEDULED", "PENDING", "RUNNING"), "the training ended or hung before its first backup"
+        time.sleep(0.1)
+    for pid in _flow_run_processes(run["id"]):
+        os.kill(pid, signal.SIGKILL)
+    assert served.wait(run["id"], timeout=60)["state"]["type"] == "CRASHED"
+
+    deployment = served.deployment("likeness-train/train")["id"]
+    deadline = time.monotonic() + 60
+    while not (again := [r for r in served.runs(deployment_id={"any_": [deployment]})
+                         if r["parameters"].get("resumes") == 1 and r["id"] != run["id"]
+                         and f"run.workspace={crashed_ws}" in r["parameters"]["overrides"]]):
+        assert time.monotonic() < deadline, "no run was started after the crash"
+        time.sleep(0.5)
+    resumed = served.wait(again[0]["id"], timeout=180)
+    assert resumed["state"]["type"] == "COMPLETED", resumed["state"]
+    assert resumed["parameters"]["overrides"] == overrides(crashed_ws)
+    deadline, messages = time.monotonic() + 30, []
+    while not any("resumed from" in m for m in messages) and time.monotonic() < deadline:
+        time.sleep(1)
+        messages = [log["message"] for log in served.logs([r["id"] for r in served.run_tree(resumed["id"])])]
+    assert any("resumed from" in m and "backup-" in m for m in messages), messages[-20:]
+
+    clean = served.wait(served.create_run("likeness-train/train", {"overrides": overrides(clean_ws)}).json()["id"])
+    assert clean["state"]["type"] == "COMPLETED", clean["state"]
+    expected = load_file(next(Workspace(clean_ws).checkpoints.glob("*.safetensors")))
+    weights = load_file(next(Workspace(crashed_ws).checkpoints.glob("*.safetensors")))
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
