@@ -426,7 +426,11 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
         else:
             rolled_back = False
         if rolled_back:
-            t = rebuilt_from_last_backup(t, log, sinks)
+            carried = t.guard.events, t.saved, t.samples  # not the guard: it holds the old trainer
+            if t.fused is not None:
+                t.fused.remove()
+            del t  # the only reference: its models are freed before the rebuilt trainer loads them again
+            t = rebuilt_from_last_backup(settings, procs, carried, log, sinks)
             continue
         done = t.epoch  # epochs complete
         progress.update(t.step, done, t.losses.rows[-1]["loss"] if t.losses.rows else float("nan"), force=True)
@@ -445,22 +449,20 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
     return TrainResult(t.saved, final, t.step, epochs, table, curve, resumed, t.samples)
 
 
-def rebuilt_from_last_backup(t: Trainer, log: Log, sinks: Sequence[MetricsSink]) -> Trainer:
+def rebuilt_from_last_backup(settings: Settings, procs: Processes, carried: tuple[list, list, list],
+                             log: Log, sinks: Sequence[MetricsSink]) -> Trainer:
     """A fresh trainer at the last backup (or the start): what a killed and restarted run would do.
 
-    Only the fused back pass rolls back (one process); the old trainer's memory is freed first.
+    Only the fused back pass rolls back (one process). `carried`: the old trainer's non-finite
+    steps so far, saved checkpoints and samples.
     """
-    settings, procs, guard, saved, samples = t.settings, t.procs, t.guard, t.saved, t.samples
-    if t.fused is not None:
-        t.fused.remove()
-    del t
     gc.collect()
     if procs.device.type == "cuda":
         torch.cuda.empty_cache()
+    events, saved, samples = carried
     fresh = Trainer(settings, procs, log, sinks)
-    fresh.guard = guard
-    back_at = fresh.resume()
-    if back_at is None:
+    fresh.guard.events = events
+    if fresh.resume() is None:
         fresh.log("no backup yet: training again from the start")
     fresh.saved = [c for c in saved if c.step <= fresh.step]
     fresh.samples = samples

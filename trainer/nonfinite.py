@@ -8,14 +8,13 @@ have stepped, the run goes back to its last backup (or its start) and goes on fr
 `training.max_nonfinite_steps` such events the run stops with an error naming the step and the
 likely causes.
 
-    guard = NonFiniteGuard(settings.training, log)
-    if not guard.check(step, loss, grads):   # False: skip this optimizer step
-        ...
+    guard = NonFiniteGuard(settings.training.max_nonfinite_steps, describe_causes, log)
+    if not all_finite(p.grad for p in params):
+        guard.record(step, "gradient", "update skipped")   # raises NonFiniteError at the limit
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -56,10 +55,6 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"training stopped: non-finite {what} at step {step + 1} ({len(self.events)} non-finite steps: {steps}). "
                 f"Likely causes: {self.describe()}. Raise training.max_nonfinite_steps to tolerate more.")
-
-    @staticmethod
-    def loss_ok(loss: float) -> bool:
-        return math.isfinite(loss)
 
 
 def likely_causes(learning_rates: dict[str, float], train_dtype: str, weight_dtypes: dict[str, str]) -> str:
