@@ -37,6 +37,34 @@ RETRAIN_TRIGGER = {
     "parameters": {"settings": "{{ event.payload.settings }}", "overrides": []},
 }
 
+CRASHED = "prefect.flow-run.Crashed"  # a run killed outright: SIGKILL, the OOM killer, a lost node
+RESUMED_PARAMETERS = ("profile", "settings", "overrides")
+
+
+def _from_crashed_run(expression: str) -> dict[str, Any]:
+    """A parameter of the re-run, rendered by the server from the crashed run (JSON of a Jinja template)."""
+    return {"__prefect_kind": "json", "value": {"__prefect_kind": "jinja", "template": "{{ (" + expression + ") | tojson }}"}}
+
+
+def resume_trigger(deployment: str, flow_name: str = "likeness-train") -> dict[str, Any]:
+    """The deployment trigger that starts a crashed training again with the same parameters.
+
+    The new run resumes from the last backup by itself (trainer/loop.py); `resumes` counts the
+    restarts in a row, and run_train refuses to start past `run.crash_resumes` (a Failed run
+    naming the crashes), so a run that always crashes does not loop.
+    """
+    parameters = {name: _from_crashed_run(f"flow_run.parameters.get('{name}')") for name in RESUMED_PARAMETERS}
+    parameters["resumes"] = _from_crashed_run("flow_run.parameters.get('resumes', 0) + 1")
+    return {
+        "type": "event",
+        "name": f"resume a crashed {deployment}",
+        "expect": [CRASHED],
+        "match": {"prefect.resource.id": "prefect.flow-run.*"},
+        "match_related": [{"prefect.resource.role": "flow", "prefect.resource.name": flow_name},
+                          {"prefect.resource.role": "deployment", "prefect.resource.name": deployment}],
+        "parameters": parameters,
+    }
+
 
 @dataclass(frozen=True)
 class DeploymentSpec:
@@ -105,16 +133,18 @@ def runner_deployments(settings: Settings, profile: str, overrides: list[str] | 
             extra = watch_schedule(settings.watch)
         if spec.name == "pipeline":
             extra["triggers"] = [_trigger()]
+        if spec.name == "train":
+            extra["triggers"] = [_trigger(resume_trigger(spec.name))]
         built.append(flow.to_deployment(
             name=spec.name, tags=spec.tags, description=flow.description,
             parameters={"profile": profile, "overrides": list(overrides or []), **spec.parameters}, **extra))
     return built
 
 
-def _trigger() -> Any:
+def _trigger(spec: dict[str, Any] = RETRAIN_TRIGGER) -> Any:
     from prefect.events import DeploymentEventTrigger
 
-    return DeploymentEventTrigger(**{k: v for k, v in RETRAIN_TRIGGER.items() if k != "type"})
+    return DeploymentEventTrigger(**{k: v for k, v in spec.items() if k != "type"})
 
 
 def ensure_gpu_limit(limit: int = 1) -> int:
@@ -145,6 +175,8 @@ def serve_all(settings: Settings, profile: str, overrides: list[str] | None = No
 
 # --- prefect.yaml ----------------------------------------------------------------------------
 
+K8S_WORKSPACE = "/workspace/likeness"  # on the Kubernetes pools' shared volume
+
 POOLS = {
     "cpu": {"name": "cpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": ""}}},
     "gpu": {"name": "gpu", "job_variables": {"env": {**LIBRARY_LOGGERS_ENV, "CUDA_VISIBLE_DEVICES": "0"}}},
@@ -165,8 +197,30 @@ def yaml_deployments(profile: str = "demo-cpu") -> list[dict[str, Any]]:
             row["schedules"] = [{"interval": int(WatchSettings().interval_minutes * 60)}]
         if spec.name == "pipeline":
             row["triggers"] = [copy.deepcopy(RETRAIN_TRIGGER)]
+        if spec.name == "train":
+            row["triggers"] = [resume_trigger(spec.name)]
         rows.append(row)
-    return rows
+    return rows + [kubernetes_twin(row) for row in rows]
+
+
+def kubernetes_twin(row: dict[str, Any]) -> dict[str, Any]:
+    """The same deployment on a Kubernetes pool (`k8s-gpu` / `k8s-cpu`, deployments/kubernetes/):
+    it runs in the worker image, where the project is at /opt/likeness, and its workspace lives on
+    the pool's shared volume (/workspace)."""
+    twin = copy.deepcopy(row)
+    pool = row["work_pool"]["name"]
+    twin["name"] = f"{row['name']}-k8s"
+    twin["tags"] = ["likeness", f"k8s-{pool}-pool"]
+    twin["parameters"]["overrides"] = [f"run.workspace={K8S_WORKSPACE}"]
+    env = dict(row["work_pool"]["job_variables"]["env"])
+    if pool == "gpu":
+        env.pop("CUDA_VISIBLE_DEVICES")  # the pod sees only the GPUs it was given
+    twin["work_pool"] = {"name": f"k8s-{pool}", "job_variables": {"env": env}}
+    twin["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/likeness"}}]
+    twin.pop("triggers", None)  # one retrain trigger (the process pool's): not two pipelines per change
+    if row["name"] == "train":
+        twin["triggers"] = [resume_trigger(twin["name"])]
+    return twin
 
 
 YAML_HEADER = """\
@@ -180,6 +234,11 @@ YAML_HEADER = """\
 #   prefect deploy --all                          # from this folder
 #   prefect worker start --pool cpu               # anywhere
 #   prefect worker start --pool gpu               # on the GPU box (CUDA_VISIBLE_DEVICES below)
+#
+# The `-k8s` twins run on Kubernetes pools (Job per run, image deployments/kubernetes/Dockerfile):
+#   prefect work-pool create k8s-cpu --type kubernetes --base-job-template deployments/kubernetes/cpu-pool.json
+#   prefect work-pool create k8s-gpu --type kubernetes --base-job-template deployments/kubernetes/gpu-pool.json
+#   prefect worker start --pool k8s-gpu --type kubernetes   # in the cluster; see docs/kubernetes.md
 """
 
 

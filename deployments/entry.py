@@ -141,20 +141,38 @@ def run_stage(stage: StageName = "scan", profile: str | None = "demo-cpu", setti
     prepare_stage(_start(profile, settings, overrides), stage)
 
 
+class CrashedTooOftenError(RuntimeError):
+    """A training that crashed `run.crash_resumes` times in a row is not started again by itself."""
+
+
 @flow(name="likeness-train", log_prints=True)
 def run_train(profile: str | None = "demo-cpu", settings: Settings | None = None,
-              overrides: list[str] | None = None) -> None:
+              overrides: list[str] | None = None, resumes: int = 0) -> None:
     """Train on the prepared dataset (holds the `gpu` concurrency slot). Remembers the dataset it trained on.
 
     Args:
         profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
         settings: Every setting, as a form; when given, the profile is ignored.
         overrides: `key=value` changes on top, e.g. `training.epochs=3`.
+        resumes: Set by the crash-resume automation: restarts in a row after a crash (leave 0).
     """
     resolved = _start(profile, settings, overrides)
+    check_resumes(resumes, resolved.run.crash_resumes)
     dataset = fingerprint_concepts(resolved.concepts)
     stage_flow("train")(resolved)
     record_trained(resolved.run.workspace, dataset)
+
+
+def check_resumes(resumes: int, limit: int) -> None:
+    """Log a restart after a crash; refuse one past `limit` (the crash-resume automation's bound)."""
+    if resumes > limit:
+        raise CrashedTooOftenError(
+            f"training crashed {resumes} times in a row (run.crash_resumes = {limit}): not started again by itself. "
+            "Read the crashed runs' logs (killed by the out-of-memory killer? a lost node?), fix the cause, "
+            "then run the train deployment again: it resumes from the last backup")
+    if resumes:
+        get_run_logger().warning("started again after a crash (%d of at most %d): training resumes from its "
+                                 "last backup", resumes, limit)
 
 
 @flow(name="likeness-evaluate", log_prints=True)

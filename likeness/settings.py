@@ -47,6 +47,7 @@ class RunSettings(Section):
     retries: int = Field(2, ge=0, le=20, description="Prefect retries of each stage after a transient failure.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="Delay between retries.")
     workers: int = Field(0, ge=0, le=256, description="Threads for hashing, decoding and resizing images in the prepare stages; 0: one per CPU core.")
+    crash_resumes: int = Field(3, ge=0, le=100, description="Times a crashed training run (killed, out of memory, lost node) is started again by itself, resuming from its last backup (the crash-resume automation of the train deployment); 0: never.")
 
 
 class ModelSettings(Section):
@@ -288,6 +289,7 @@ class TrainingSettings(Section):
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
     tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Steps with a NaN/inf loss or gradient (never applied: skipped, or rolled back to the last backup) after which training stops with an error.")
 
     @model_validator(mode="after")
     def _vae_frozen(self) -> TrainingSettings:

@@ -39,7 +39,7 @@ def test_prefect_yaml_is_the_table_rendered_and_every_entrypoint_loads(monkeypat
     assert text == render_prefect_yaml(), "prefect.yaml drifted: python -m likeness.deployments.catalog > prefect.yaml"
     document = yaml.safe_load(text)
     rows = {row["name"]: row for row in document["deployments"]}
-    assert set(rows) == {spec.name for spec in DEPLOYMENTS}
+    assert set(rows) == {name for spec in DEPLOYMENTS for name in (spec.name, f"{spec.name}-k8s")}
     monkeypatch.chdir(REPO)
     loaded = {e: load_flow_from_entrypoint(e).name for e in {row["entrypoint"] for row in rows.values()}}
     assert all(loaded[rows[spec.name]["entrypoint"]] == spec.flow_name for spec in DEPLOYMENTS)

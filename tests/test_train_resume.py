@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(train_setting
     assert not ws.checkpoints.exists() or not any(ws.checkpoints.iterdir())  # killed mid-run
     complete = list_backups(ws.backups)[-1]
 
-    # A backup killed while being written (no objects.pt) and one of other settings, both newer:
+    # A backup killed while being written (no objects.json) and one of other settings, both newer:
     half = ws.backups / "backup-000000010"
     half.mkdir()
     shutil.copy(complete.path / "unet.safetensors", half)

@@ -1,6 +1,11 @@
 """Backups for resuming training: trained weights, optimizer, EMA, LR scheduler, sampler position,
 RNG states and progress, written so that a killed run never leaves a backup a later run trusts.
 
+No pickle: weights are safetensors, the rest is JSON + safetensors (`state_tree`), so a backup from a
+shared workspace is read without running code. A backup of an older likeness (`objects.pt`) is read
+with `torch.load(weights_only=True)`, allowing only numpy's array type (the RNG state); anything else
+in it is refused with an error naming the file.
+
 A backup is a folder `backup-<step>` under the run's backup folder. It is written under a hidden
 temporary name and renamed into place only when every file is on disk (a folder rename is
 atomic), so a half-written backup is never picked up; leftovers are removed on the next save.
@@ -27,8 +32,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from likeness.trainer.state_tree import read_state, write_state
+
 PROGRESS_FILE = "progress.json"
-OBJECTS_FILE = "objects.pt"
+OBJECTS = "objects"  # objects.json + objects.safetensors
+LEGACY_OBJECTS_FILE = "objects.pt"
+
+
+class BackupError(ValueError):
+    """A backup that cannot be trusted or read: the message names the folder and what to do."""
 
 
 @dataclass
@@ -41,11 +53,32 @@ class Backup:
         return load_file(self.path / f"{part}.safetensors")
 
     def parts(self) -> list[str]:
-        return sorted(p.stem for p in self.path.glob("*.safetensors"))
+        return sorted(p.stem for p in self.path.glob("*.safetensors") if p.stem != OBJECTS)
 
     def objects(self) -> dict[str, Any]:
-        # Our own file: optimizer/scheduler state holds plain Python objects, so weights_only=False.
-        return torch.load(self.path / OBJECTS_FILE, map_location="cpu", weights_only=False)
+        if (self.path / LEGACY_OBJECTS_FILE).is_file() and not _has_objects(self.path):
+            return _load_legacy(self.path / LEGACY_OBJECTS_FILE)
+        return read_state(self.path / OBJECTS)
+
+
+def _has_objects(folder: Path) -> bool:
+    return all((folder / f"{OBJECTS}{suffix}").is_file() for suffix in (".json", ".safetensors"))
+
+
+def _load_legacy(path: Path) -> dict[str, Any]:
+    """An `objects.pt` of an older likeness: tensors and plain data, plus numpy arrays (RNG state)."""
+    from numpy._core.multiarray import _reconstruct  # how numpy pickles an array
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for a forbidden global; anything for a damaged file
+        reason = str(error).splitlines()[-1] if str(error) else type(error).__name__
+        raise BackupError(
+            f"{path}: refused to load this backup: it holds Python objects other than tensors and plain data "
+            f"({reason}); backups are never unpickled, since a pickle can run code. Delete {path.parent} "
+            "to resume from an older backup, or the backups folder to start over") from None
 
 
 def save_backup(
@@ -65,7 +98,7 @@ def save_backup(
     tmp = Path(tempfile.mkdtemp(prefix=".backup-", suffix=".tmp", dir=root))
     for part, state in weights.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{part}.safetensors")
-    torch.save(objects | {"rng": capture_rng()}, tmp / OBJECTS_FILE)
+    write_state(tmp / OBJECTS, objects | {"rng": capture_rng()})
     record = {"step": step, "fingerprint": fingerprint, "progress": progress}
     (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
     _fsync_folder(tmp)
@@ -82,7 +115,8 @@ def list_backups(root: str | Path, fingerprint: str | None = None) -> list[Backu
     found = []
     for folder in sorted(Path(root).glob("backup-*")):
         record_file = folder / PROGRESS_FILE
-        if not (folder.is_dir() and record_file.is_file() and (folder / OBJECTS_FILE).is_file()):
+        complete = _has_objects(folder) or (folder / LEGACY_OBJECTS_FILE).is_file()
+        if not (folder.is_dir() and record_file.is_file() and complete):
             continue
         record = json.loads(record_file.read_text())
         if fingerprint is None or record["fingerprint"] == fingerprint:

@@ -12,6 +12,7 @@ no process group at all.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,3 +63,23 @@ def mean_over_processes(value: float, procs: Processes) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=procs.device)
     dist.all_reduce(tensor)
     return tensor.item() / procs.world_size
+
+
+def weights_digest(parameters: Sequence[torch.Tensor]) -> str:
+    """sha256 of the parameters' bytes, in order (the same weights give the same digest)."""
+    digest = hashlib.sha256()
+    for p in parameters:
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digests_agree(parameters: Sequence[torch.Tensor], procs: Processes) -> str:
+    """The weights' digest, checked to be the same on every process; raises if they diverged."""
+    mine = weights_digest(parameters)
+    if procs.world_size == 1:
+        return mine
+    every: list[str | None] = [None] * procs.world_size
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        raise RuntimeError(f"the processes ended with different weights ({every}): gradients were not averaged alike")
+    return mine

@@ -9,14 +9,16 @@ process trains its slice of every batch; gradients are averaged before each opti
 process 0 alone writes samples, checkpoints, backups and reports.
 
     python -m likeness.trainer.loop PROFILE [training.epochs=2 ...]      # after `likeness prepare`
-    accelerate launch --num_processes 2 --cpu -m likeness.trainer.loop demo-cpu
+    accelerate launch --multi_gpu --num_processes 2 -m likeness.trainer.loop demo-cpu   # 2 CPU processes (gloo)
 
     result = train(settings, log=print, sinks=[TensorBoardSink(...)])
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -37,9 +39,12 @@ from likeness.models.loading import load_pipeline
 from likeness.models.sampling import generate, sample_filename, save_sample
 from likeness.settings import Settings
 from likeness.trainer.backup import Backup, latest_backup, restore_rng, save_backup
-from likeness.trainer.distributed import Processes, average_gradients, mean_over_processes, start_processes
+from likeness.trainer.distributed import (
+    Processes, average_gradients, digests_agree, mean_over_processes, start_processes,
+)
 from likeness.trainer.ema import EMA
 from likeness.trainer.intervals import Interval
+from likeness.trainer.nonfinite import NonFiniteGuard, RollBack, all_finite, likely_causes
 from likeness.trainer.loss import diffusion_losses
 from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine, memory_stats
 from likeness.trainer.noise import add_noise, step_generator, training_scheduler
@@ -87,6 +92,7 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
     """The settings that change the trained weights (not sampling, saving, backups or run mechanics)."""
     relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
     relevant["training"].pop("iterations_per_second")
+    relevant["training"].pop("max_nonfinite_steps")  # when to give up, not what is trained
     relevant["seed"] = settings.run.seed
     relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
     return relevant
@@ -169,6 +175,7 @@ class Trainer:
         self.sample_timer = Interval(s.sampling.every, s.sampling.unit)
         self.save_timer = Interval(s.saving.every, s.saving.unit, s.saving.skip_first)
         self.backup_timer = Interval(s.backups.every, s.backups.unit)
+        self.guard = NonFiniteGuard(s.training.max_nonfinite_steps, self._likely_causes, self.log)
 
     def _fused_back_pass(self) -> FusedBackPass | None:
         if not self.settings.optimizer.fused_back_pass:
@@ -178,7 +185,12 @@ class Trainer:
             self.log("warning: optimizer.fused_back_pass is off with several processes: gradients are "
                      "averaged across processes before a normal optimizer step (more memory)")
             return None
-        return FusedBackPass(self.optimizer, self.accumulation)
+        return FusedBackPass(self.optimizer, self.accumulation, check_finite=True)
+
+    def _likely_causes(self) -> str:
+        t = self.settings.training
+        lrs = {group["part"]: float(group["lr"]) for group in self.optimizer.param_groups}
+        return likely_causes(lrs, t.train_dtype, {part: getattr(t, part).weight_dtype for part in self.trained})
 
     @property
     def epoch(self) -> int:
@@ -239,9 +251,12 @@ class Trainer:
             mask=batch.masks.to(device), loss_weight=batch.loss_weight.to(device),
             v_prediction=noisy.prediction_type == "v_prediction", generator=generator)  # (B,)
         loss = losses.mean()
-        if loss.requires_grad:  # False only once every part has stopped training
+        value = loss.item()
+        if self.fused is not None:  # it steps inside backward: a non-finite loss must stop it before
+            self.fused.start(finite=math.isfinite(value))
+        if loss.requires_grad and (self.fused is None or self.fused.good):  # False once every part stopped
             (loss / self.accumulation).backward()
-        return loss.item()
+        return value
 
     def autocast(self):
         dtype = DTYPES[self.settings.training.train_dtype]
@@ -268,19 +283,45 @@ class Trainer:
             pooled = None if pooled is None else pooled * keep.to(pooled.dtype)[:, None]
         return embeds, pooled
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Average gradients across processes, step (unless fused), advance the LR, update EMA and parts."""
+    def optimizer_step(self, loss: float = 0.0) -> dict[str, float]:
+        """Average gradients across processes, step (unless fused), advance the LR, update EMA and parts.
+
+        A non-finite loss (`loss`: the mean over processes) or gradient skips the update: see
+        trainer/nonfinite.py.
+        """
         lrs = {f"lr_{group['part']}": float(group["lr"]) for group in self.optimizer.param_groups}
         if self.fused is None and self.procs.world_size > 1:
             average_gradients([p for p in self.all_params if p.requires_grad], self.procs.world_size)
-        self.optimizer.step()  # with the fused back pass every gradient is already applied and freed
+        finite = self._step_is_finite(loss)
+        if finite:
+            self.optimizer.step()  # with the fused back pass every gradient is already applied and freed
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        if self.ema is not None:
+        if self.ema is not None and finite:
             self.ema.step(self.all_params, self.step)
         self.step += 1
         set_trained_parts(self.optimizer, parts_to_train(self.settings.training, self.epoch, self.step, self.parts))
         return lrs
+
+    def _step_is_finite(self, loss: float) -> bool:
+        """Whether this step's loss and gradients are finite; logs (and counts) a bad one, raises
+        RollBack when the fused back pass already stepped some parameters with it."""
+        if self.fused is not None:
+            if self.fused.good and math.isfinite(loss):
+                return True
+            what = "loss" if not math.isfinite(loss) else "gradient"
+            if self.fused.stepped:
+                self.guard.record(self.step, what, "some parameters had stepped (fused back pass): "
+                                  "going back to the last backup")
+                raise RollBack(self.step)
+            self.guard.record(self.step, what, f"update skipped, the weights stay those of step {self.step}")
+            return False
+        finite_loss = math.isfinite(loss)
+        if finite_loss and all_finite(p.grad for p in self.all_params if p.requires_grad):
+            return True
+        self.guard.record(self.step, "gradient" if finite_loss else "loss",
+                          f"update skipped, the weights stay those of step {self.step}")
+        return False
 
     # --- samples and checkpoints -------------------------------------------------------------
 
@@ -347,8 +388,8 @@ def train_epoch(t: Trainer, progress: ProgressLine) -> bool:
         micro += 1
         if micro < t.accumulation:
             continue
-        lrs = t.optimizer_step()
         loss = mean_over_processes(total / t.accumulation, t.procs)
+        lrs = t.optimizer_step(loss)
         micro, total = 0, 0.0
         t.losses.add(step=t.step, epoch=epoch, loss=loss, **lrs, **memory_stats(t.procs.device))
         for sink in t.sinks:
@@ -378,7 +419,19 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
         t.sample(0)
     progress = ProgressLine(t.log, t.total_steps, epochs, procs.device, first_step=t.step)
     while t.epoch < epochs:
-        backup_due = train_epoch(t, progress)
+        try:
+            backup_due = train_epoch(t, progress)
+        except RollBack:
+            rolled_back = True  # rebuilt outside the handler: its traceback still holds the old trainer
+        else:
+            rolled_back = False
+        if rolled_back:
+            carried = t.guard.events, t.saved, t.samples  # not the guard: it holds the old trainer
+            if t.fused is not None:
+                t.fused.remove()
+            del t  # the only reference: its models are freed before the rebuilt trainer loads them again
+            t = rebuilt_from_last_backup(settings, procs, carried, log, sinks)
+            continue
         done = t.epoch  # epochs complete
         progress.update(t.step, done, t.losses.rows[-1]["loss"] if t.losses.rows else float("nan"), force=True)
         if t.sample_timer.after_epoch(done):
@@ -388,10 +441,33 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
         if done < epochs and (t.backup_timer.after_epoch(done) or backup_due):
             t.backup()
     final = save_final(t)
+    if procs.world_size > 1:  # the same model everywhere, or a loud error
+        t.log(f"weights identical on all {procs.world_size} processes (sha256 {digests_agree(t.all_params, procs)[:16]})")
     table, curve = t.reports()
     for sink in t.sinks:
         sink.close()
     return TrainResult(t.saved, final, t.step, epochs, table, curve, resumed, t.samples)
+
+
+def rebuilt_from_last_backup(settings: Settings, procs: Processes, carried: tuple[list, list, list],
+                             log: Log, sinks: Sequence[MetricsSink]) -> Trainer:
+    """A fresh trainer at the last backup (or the start): what a killed and restarted run would do.
+
+    Only the fused back pass rolls back (one process). `carried`: the old trainer's non-finite
+    steps so far, saved checkpoints and samples.
+    """
+    gc.collect()
+    if procs.device.type == "cuda":
+        torch.cuda.empty_cache()
+    events, saved, samples = carried
+    fresh = Trainer(settings, procs, log, sinks)
+    fresh.guard.events = events
+    if fresh.resume() is None:
+        fresh.log("no backup yet: training again from the start")
+    fresh.saved = [c for c in saved if c.step <= fresh.step]
+    fresh.samples = samples
+    set_trained_parts(fresh.optimizer, parts_to_train(settings.training, fresh.epoch, fresh.step, fresh.parts))
+    return fresh
 
 
 def save_final(t: Trainer) -> Path:
@@ -410,7 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO)
     result = train(load_profile(argv[0] if argv else "demo-cpu", argv[1:]))
-    print(result.summary())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one summary
+        print(result.summary())
 
 
 if __name__ == "__main__":

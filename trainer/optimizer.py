@@ -227,23 +227,36 @@ class FusedBackPass:
     The loop still calls `optimizer.step()` (it finds no gradients) and `scheduler.step()`; the LR a
     group has when backward runs is the one used. Not combinable with gradient accumulation: the
     gradient would have to be kept across backward passes, which is what this avoids.
+
+    With `check_finite`, each gradient is checked before its parameter steps: from the first
+    non-finite one on, no parameter of this backward pass steps (`good` turns False; `stepped`
+    says how many already had). Call `start()` before each backward pass.
     """
 
-    def __init__(self, optimizer: StepwiseOptimizer, gradient_accumulation_steps: int = 1) -> None:
+    def __init__(self, optimizer: StepwiseOptimizer, gradient_accumulation_steps: int = 1,
+                 check_finite: bool = False) -> None:
         if gradient_accumulation_steps > 1:
             raise ValueError(
                 "optimizer.fused_back_pass cannot be combined with training.gradient_accumulation_steps "
                 f"= {gradient_accumulation_steps}: set one of them off (accumulation steps 1)"
             )
         self.optimizer = optimizer
+        self.check_finite, self.good, self.stepped = check_finite, True, 0
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook)
             for group in optimizer.param_groups for p in group["params"]
         ]
 
+    def start(self, finite: bool = True) -> None:
+        """A new backward pass; `finite=False` (a non-finite loss) lets no parameter step in it."""
+        self.good, self.stepped = finite, 0
+
     def _hook(self, p: torch.Tensor) -> None:
-        if self.optimizer.group_of(p)["train"]:
+        if self.good and self.check_finite and not bool(torch.isfinite(p.grad).all()):
+            self.good = False
+        if self.good and self.optimizer.group_of(p)["train"]:
             self.optimizer.step_param(p)
+            self.stepped += 1
         p.grad = None
 
     def remove(self) -> None:
