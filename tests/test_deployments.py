@@ -69,9 +69,12 @@ def test_a_missing_stage_module_is_a_clear_error(monkeypatch):
 
 
 def test_runner_deployments_carry_profile_schedule_and_trigger():
-    settings = load_profile("demo-cpu", ["watch.cron=*/5 * * * *"])
-    built = {d.name: d for d in runner_deployments(settings, "demo-cpu", ["training.epochs=2"])}
-    assert built["stage-masks"].parameters == {"profile": "demo-cpu", "overrides": ["training.epochs=2"], "stage": "masks"}
+    settings = load_profile("demo-cpu", ["watch.cron=*/5 * * * *", "training.epochs=2"])
+    built = {d.name: d for d in runner_deployments(settings, "demo-cpu", ["watch.cron=*/5 * * * *", "training.epochs=2"])}
+    # the form opens on the profile's values, with the serve overrides already in them
+    assert built["stage-masks"].parameters == {"profile": "demo-cpu", "settings": settings.model_dump(mode="json"),
+                                               "overrides": [], "stage": "masks"}
+    assert built["stage-masks"].parameters["settings"]["training"]["epochs"] == 2
     assert built["watch"].schedules[0].schedule.cron == "*/5 * * * *"
     trigger = built["pipeline"].triggers[0]
     assert trigger.expect == {"likeness.dataset.changed"}
