@@ -103,11 +103,15 @@ def _other_profile(profile: str | None, opened: dict[str, Any] | None) -> bool:
 
 def deployment_defaults() -> dict[str, Any]:
     """The parameters the form opened on (this run's deployment's defaults); {} outside a deployment."""
+    from prefect.client.orchestration import get_client
     from prefect.runtime import deployment
 
-    try:
-        return dict(deployment.parameters or {})
-    except Exception:  # noqa: BLE001 - no deployment or no API: the form rule falls back to "as given"
+    try:  # not `deployment.parameters`: that is this run's parameters, not the deployment's defaults
+        if not deployment.id:
+            return {}
+        with get_client(sync_client=True) as client:
+            return dict(client.read_deployment(deployment.id).parameters or {})
+    except Exception:  # noqa: BLE001 - no API: the form rule falls back to "as given"
         return {}
 
 

@@ -174,8 +174,15 @@ def serve(profile: ProfileOption = "demo-cpu", set_: SetOption = None,
     settings = _settings(profile, set_)
     missing = missing_demo_files(settings)
     if missing:  # the docs' first path (server -> serve -> Run) works on a fresh clone
+        import logging
+
         typer.echo(f"[serve] the demo files are missing ({', '.join(map(str, missing))}): writing them")
-        write_demo_files(settings, echo=typer.echo)
+        library = logging.getLogger("transformers")
+        level, library.level = library.level, logging.ERROR  # its notes on building models are not ours to print
+        try:
+            write_demo_files(settings, echo=typer.echo)
+        finally:
+            library.setLevel(level)
     serve_all(settings, profile, set_ or [], limit=limit)
 
 
