@@ -19,6 +19,10 @@ from typing import Any
 from PIL import Image
 
 SUMMARY_KEY = "summary"
+# Every artifact key the stages publish; a cached stage publishes nothing new, so the page links the
+# latest of each key too (the UI's /artifacts/key/<key> page, with its history).
+STAGE_KEYS = ("scan-report", "scan-files", "masks-report", "mask-overlays", "balancing", "loss-curve", "loss-table",
+              "grid", "scores", "selection", "selection-table")
 GRID_WIDTH = 1024  # px: the inline overview is scaled down to this width (artifacts live in the database)
 
 
@@ -44,7 +48,9 @@ def summary_markdown(chosen: Path, source: Path, reason: str, overview: Path | N
     lines += ["## Stage runs and their artifacts", ""]
     for name, run_id, artifacts in stages:
         links = ", ".join(f"[{key}](/artifacts/artifact/{artifact_id})" for key, artifact_id in artifacts)
-        lines.append(f"- [{name}](/runs/flow-run/{run_id}?tab=Artifacts): {links or 'no artifacts'}")
+        lines.append(f"- [{name}](/runs/flow-run/{run_id}?tab=Artifacts): {links or 'no new artifacts (cached)'}")
+    lines += ["", "Latest of each (a cached stage made none this run): "
+              + ", ".join(f"[{key}](/artifacts/key/{key})" for key in STAGE_KEYS)]
     return "\n".join(lines) + "\n"
 
 

@@ -221,3 +221,16 @@ def test_serve_knows_when_the_demo_files_are_missing(tmp_path, monkeypatch):
     settings = load_profile("demo-cpu")
     assert len(missing_demo_files(settings)) == 6  # four model folders, two photo folders
     assert missing_demo_files(load_profile("sdxl-person")) == []  # not a demo: nothing to write
+
+
+def test_summary_page_links_stage_runs_and_the_latest_artifacts(tmp_path):
+    from likeness.deployments.summary import summary_markdown
+
+    Image.new("RGB", (2048, 512), "white").save(tmp_path / "overview.jpg")
+    page = summary_markdown(tmp_path / "out" / "demo-4.safetensors", tmp_path / "save" / "demo-4.safetensors",
+                            "it has the highest likeness.", tmp_path / "overview.jpg",
+                            [("prepare", "run-1", []), ("evaluate", "run-2", [("grid", "art-1")])])
+    assert "**Chosen checkpoint:** `" in page and "demo-4.safetensors" in page and "it has the highest likeness." in page
+    assert "![overview grid](data:image/jpeg;base64," in page
+    assert "- [prepare](/runs/flow-run/run-1?tab=Artifacts): no new artifacts (cached)" in page
+    assert "[grid](/artifacts/artifact/art-1)" in page and "[mask-overlays](/artifacts/key/mask-overlays)" in page
