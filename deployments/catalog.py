@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from likeness.deployments import entry
+from likeness.deployments.form import strict_form
 from likeness.settings import Settings, WatchSettings
 
 DATASET_CHANGED = "likeness.dataset.changed"  # the event the watcher emits (tasks/watch.py)
@@ -123,8 +124,15 @@ def watch_schedule(watch: WatchSettings) -> dict[str, Any]:
     return {"interval": timedelta(minutes=watch.interval_minutes)}
 
 
+def form_defaults(settings: Settings, profile: str) -> dict[str, Any]:
+    """The run form's defaults: the served profile and its settings (with `serve --set` applied), so
+    Custom run opens on the profile's values; the overrides field starts empty (they are in the settings)."""
+    return {"profile": profile, "settings": settings.model_dump(mode="json"), "overrides": []}
+
+
 def runner_deployments(settings: Settings, profile: str, overrides: list[str] | None = None) -> list[Any]:
-    """The installed deployments, for `serve`, with the profile (and overrides) as default parameters."""
+    """The installed deployments, for `serve`: the form opens on the profile's settings (`overrides`
+    are already in `settings`), and its parameter schema is strict (deployments/form.py)."""
     built = []
     for spec in available_deployments():
         flow = getattr(entry, spec.flow)
@@ -135,9 +143,9 @@ def runner_deployments(settings: Settings, profile: str, overrides: list[str] | 
             extra["triggers"] = [_trigger()]
         if spec.name == "train":
             extra["triggers"] = [_trigger(resume_trigger(spec.name))]
-        built.append(flow.to_deployment(
+        built.append(strict_form(flow.to_deployment(
             name=spec.name, tags=spec.tags, description=flow.description,
-            parameters={"profile": profile, "overrides": list(overrides or []), **spec.parameters}, **extra))
+            parameters={**form_defaults(settings, profile), **spec.parameters}, **extra), profile))
     return built
 
 

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.states import Completed
+from pydantic import Field
 
-from likeness.profiles import apply_override, load_profile, validate_settings
+from likeness.deployments.form import apply_changes, changed_fields, describe_changes, form_parameters, profile_choices
+from likeness.deployments.summary import publish_summary
+from likeness.profiles import apply_override, load_profile, profile_data, validate_settings
 from likeness.settings import Settings
-from likeness.tasks.watch import fingerprint_concepts, record_trained
+from likeness.stages import run_profile
+from likeness.tasks.watch import DATASET_CHANGED, fingerprint_concepts, record_trained
 
 StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 LIBRARY_LOGGERS = ("diffusers", "transformers")
@@ -53,8 +58,10 @@ def stage_flow(name: str) -> Any:
 
 
 def resolve_settings(profile: str | None, settings: Settings | dict[str, Any] | None,
-                     overrides: list[str] | None = None) -> Settings:
-    """The run's settings: the form if filled in, else the named profile; overrides on top.
+                     overrides: list[str] | None = None, opened: dict[str, Any] | None = None) -> Settings:
+    """The run's settings by the form's rule (deployments/form.py): the profile alone when the form
+    is empty; the form as submitted when the profile is the one it opened on; another profile plus the
+    fields changed in the form otherwise. Overrides go on top. `opened`: the deployment's defaults.
 
     Raises SettingsError naming each bad field (the run's log shows it; no retry helps).
     """
@@ -64,9 +71,63 @@ def resolve_settings(profile: str | None, settings: Settings | dict[str, Any] | 
             raise ValueError("give a profile name (e.g. demo-cpu) or fill in the settings form")
         return load_profile(profile, overrides)
     data = settings.model_dump(mode="json") if isinstance(settings, Settings) else dict(settings)
+    source = "the settings form"
+    if _other_profile(profile, opened):
+        data = apply_changes(profile_data(profile), changed_fields(opened["settings"], data))
+        source = f"profile {profile!r} with the changes made in the settings form"
     for assignment in overrides:
         apply_override(data, assignment)
-    return validate_settings(data, source="the settings parameter")
+    return validate_settings(data, source=source, overrides=overrides)
+
+
+def settings_source(profile: str | None, settings: Settings | dict[str, Any] | None,
+                    opened: dict[str, Any] | None = None, triggered: bool = False) -> str:
+    """Where the run's settings came from, in words, for the run's log."""
+    if triggered:
+        return f"the {DATASET_CHANGED} event of the dataset watcher (its settings)"
+    if settings is None:
+        return f"profile {profile!r}"
+    data = settings.model_dump(mode="json") if isinstance(settings, Settings) else dict(settings)
+    if not opened or not isinstance(opened.get("settings"), dict):
+        return "the settings parameter"
+    changes = describe_changes(changed_fields(opened["settings"], data)) or "nothing"
+    if _other_profile(profile, opened):
+        return f"profile {profile!r} with the changes made in the settings form: {changes}"
+    return f"the settings form (opened on profile {opened.get('profile')!r}), changed: {changes}"
+
+
+def _other_profile(profile: str | None, opened: dict[str, Any] | None) -> bool:
+    return bool(opened and isinstance(opened.get("settings"), dict) and profile
+                and profile != opened.get("profile"))
+
+
+def deployment_defaults() -> dict[str, Any]:
+    """The parameters the form opened on (this run's deployment's defaults); {} outside a deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    try:  # not `deployment.parameters`: that is this run's parameters, not the deployment's defaults
+        if not deployment.id:
+            return {}
+        with get_client(sync_client=True) as client:
+            return dict(client.read_deployment(deployment.id).parameters or {})
+    except Exception:  # noqa: BLE001 - no API: the form rule falls back to "as given"
+        return {}
+
+
+def started_by_automation() -> bool:
+    """Whether an automation (the watcher's retrain trigger) created this flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            key = client.read_flow_run(flow_run.id).idempotency_key or ""
+    except Exception:  # noqa: BLE001 - no API: say nothing rather than fail the run
+        return False
+    return key.startswith("automation ")
 
 
 def route_library_logs() -> None:
@@ -85,60 +146,63 @@ def route_library_logs() -> None:
 
 def _start(profile: str | None, settings: Settings | None, overrides: list[str] | None) -> Settings:
     route_library_logs()
-    resolved = resolve_settings(profile, settings, overrides)
-    source = "the settings form" if settings is not None else f"profile {profile!r}"
+    opened = deployment_defaults()
+    resolved = resolve_settings(profile, settings, overrides, opened)
+    source = settings_source(profile, settings, opened, triggered=started_by_automation())
     get_run_logger().info("settings from %s%s; workspace %s", source,
-                          f" with {', '.join(overrides)}" if overrides else "", resolved.run.workspace)
+                          f"; overrides {', '.join(overrides)}" if overrides else "", resolved.run.workspace)
     return resolved
 
 
-# Parameter descriptions for the UI come from each flow's `Args:` block.
+# The form's parameters: a profile dropdown, the settings (opened on the served profile), overrides.
+# Their texts in the UI come from the `Args:` block `form_parameters` adds to each flow's docstring.
+ProfileParameter = Annotated[str, Field(json_schema_extra={"enum": profile_choices()})]
+SettingsParameter = Settings | None
+OverridesParameter = list[str] | None
 
 
 @flow(name="likeness-pipeline", log_prints=True)
-def run_pipeline(profile: str | None = "demo-cpu", settings: Settings | None = None,
-                 overrides: list[str] | None = None) -> None:
+@form_parameters
+def run_pipeline(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+                 overrides: OverridesParameter = None) -> State:
     """The whole chain: prepare -> train -> evaluate -> select. Remembers the dataset it trained on.
 
-    Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top, e.g. `training.epochs=3`.
-    """
+    The run ends with the chosen checkpoint and the reason as its state message, and a `summary`
+    artifact (the overview grid, links to every stage run's artifacts)."""
     resolved = _start(profile, settings, overrides)
     dataset = fingerprint_concepts(resolved.concepts)
-    stage_flow("pipeline")(resolved)
+    with run_profile(profile):
+        result = stage_flow("pipeline")(resolved)
     record_trained(resolved.run.workspace, dataset)  # what the watcher compares with from now on
     get_run_logger().info("dataset %s recorded as the last trained one", dataset.digest[:12])
+    publish_summary(result.chosen, result.source, result.reason, result.grids)
+    return Completed(message=f"{result.chosen}: {result.reason}", data=result)
 
 
 @flow(name="likeness-prepare", log_prints=True)
-def run_prepare(profile: str | None = "demo-cpu", settings: Settings | None = None,
-                overrides: list[str] | None = None) -> None:
-    """Prepare the dataset: scan, resize, masks, captions, balancing, manifest, latent cache.
-
-    Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top, e.g. `masks.threshold=0.4`.
-    """
-    stage_flow("prepare")(_start(profile, settings, overrides))
+@form_parameters
+def run_prepare(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+                overrides: OverridesParameter = None) -> None:
+    """Prepare the dataset: scan, resize, masks, captions, balancing, manifest, latent cache."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        stage_flow("prepare")(resolved)
 
 
 @flow(name="likeness-stage", log_prints=True)
-def run_stage(stage: StageName = "scan", profile: str | None = "demo-cpu", settings: Settings | None = None,
-              overrides: list[str] | None = None) -> None:
+@form_parameters
+def run_stage(stage: StageName = "scan", profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+              overrides: OverridesParameter = None) -> None:
     """One prepare stage alone, on what the earlier stages left in the workspace.
 
     Args:
         stage: The prepare stage to run.
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top.
     """
     from likeness.flows.prepare import prepare_stage
 
-    prepare_stage(_start(profile, settings, overrides), stage)
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        prepare_stage(resolved, stage)
 
 
 class CrashedTooOftenError(RuntimeError):
@@ -146,20 +210,19 @@ class CrashedTooOftenError(RuntimeError):
 
 
 @flow(name="likeness-train", log_prints=True)
-def run_train(profile: str | None = "demo-cpu", settings: Settings | None = None,
-              overrides: list[str] | None = None, resumes: int = 0) -> None:
+@form_parameters
+def run_train(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+              overrides: OverridesParameter = None, resumes: int = 0) -> None:
     """Train on the prepared dataset (holds the `gpu` concurrency slot). Remembers the dataset it trained on.
 
     Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top, e.g. `training.epochs=3`.
         resumes: Set by the crash-resume automation: restarts in a row after a crash (leave 0).
     """
     resolved = _start(profile, settings, overrides)
     check_resumes(resumes, resolved.run.crash_resumes)
     dataset = fingerprint_concepts(resolved.concepts)
-    stage_flow("train")(resolved)
+    with run_profile(profile):
+        stage_flow("train")(resolved)
     record_trained(resolved.run.workspace, dataset)
 
 
@@ -176,39 +239,30 @@ def check_resumes(resumes: int, limit: int) -> None:
 
 
 @flow(name="likeness-evaluate", log_prints=True)
-def run_evaluate(profile: str | None = "demo-cpu", settings: Settings | None = None,
-                 overrides: list[str] | None = None) -> None:
-    """Evaluate the saved checkpoints: the X/Y grid and the scores.
-
-    Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top.
-    """
-    stage_flow("evaluate")(_start(profile, settings, overrides))
+@form_parameters
+def run_evaluate(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+                 overrides: OverridesParameter = None) -> None:
+    """Evaluate the saved checkpoints: the X/Y grid and the scores."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        stage_flow("evaluate")(resolved)
 
 
 @flow(name="likeness-select", log_prints=True)
-def run_select(profile: str | None = "demo-cpu", settings: Settings | None = None,
-               overrides: list[str] | None = None) -> None:
-    """Select the best checkpoint from the evaluation scores and copy it to the output.
-
-    Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top.
-    """
-    stage_flow("select")(_start(profile, settings, overrides))
+@form_parameters
+def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+               overrides: OverridesParameter = None) -> None:
+    """Select the best checkpoint from the evaluation scores and copy it to the output."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        stage_flow("select")(resolved)
 
 
 @flow(name="likeness-watch", log_prints=True)
-def run_watch(profile: str | None = "demo-cpu", settings: Settings | None = None,
-              overrides: list[str] | None = None) -> None:
-    """Fingerprint the concept folders; announce `likeness.dataset.changed` when they differ from the last training.
-
-    Args:
-        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
-        settings: Every setting, as a form; when given, the profile is ignored.
-        overrides: `key=value` changes on top.
-    """
-    stage_flow("watch")(_start(profile, settings, overrides))
+@form_parameters
+def run_watch(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+              overrides: OverridesParameter = None) -> None:
+    """Fingerprint the concept folders; announce `likeness.dataset.changed` when they differ from the last training."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        stage_flow("watch")(resolved)

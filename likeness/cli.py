@@ -168,9 +168,22 @@ def serve(profile: ProfileOption = "demo-cpu", set_: SetOption = None,
 
     # before Prefect is imported and configures its logging; the flow-run subprocesses inherit it
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "diffusers,transformers")
+    from likeness.demo import missing_demo_files, write_demo_files
     from likeness.deployments.catalog import serve_all
 
-    serve_all(_settings(profile, set_), profile, set_ or [], limit=limit)
+    settings = _settings(profile, set_)
+    missing = missing_demo_files(settings)
+    if missing:  # the docs' first path (server -> serve -> Run) works on a fresh clone
+        import logging
+
+        typer.echo(f"[serve] the demo files are missing ({', '.join(map(str, missing))}): writing them")
+        library = logging.getLogger("transformers")
+        level, library.level = library.level, logging.ERROR  # its notes on building models are not ours to print
+        try:
+            write_demo_files(settings, echo=typer.echo)
+        finally:
+            library.setLevel(level)
+    serve_all(settings, profile, set_ or [], limit=limit)
 
 
 @app.command()

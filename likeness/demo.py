@@ -34,18 +34,33 @@ def demo_paths(settings: Settings) -> tuple[Path, Path]:
     return models, photos.pop()
 
 
-def run_demo(settings: Settings, echo: Callable[[str], None] = print):
-    """Build the tiny models and demo photos, then run the whole pipeline flow on them."""
+def write_demo_files(settings: Settings, echo: Callable[[str], None] = print) -> None:
+    """Build the tiny models and write the demo photos where the demo profile expects them."""
     from likeness.demo_data import write_demo_photos
     from likeness.models.tiny import save_tiny_models
 
     models, photos = demo_paths(settings)
-    start = time.perf_counter()
     echo(f"[demo] tiny models (random weights, built from configs) in {models}")
     save_tiny_models(models, seed=settings.run.seed)
     counts = {c.name: (8 if c.role == "subject" else 12) for c in settings.concepts}
     written = write_demo_photos(photos, seed=settings.run.seed, counts=counts)
     echo(f"[demo] photos in {photos}: " + ", ".join(f"{len(v)} {k}" for k, v in written.items()))
+
+
+def missing_demo_files(settings: Settings) -> list[Path]:
+    """The demo's model and photo folders that are not there yet; [] for a profile that is no demo."""
+    try:
+        models, _ = demo_paths(settings)
+    except ValueError:
+        return []
+    folders = [models / name for name in ("sdxl", "clipseg", "dino", "clip")] + [Path(c.path) for c in settings.concepts]
+    return [folder for folder in folders if not (folder.is_dir() and any(folder.iterdir()))]
+
+
+def run_demo(settings: Settings, echo: Callable[[str], None] = print):
+    """Build the tiny models and demo photos, then run the whole pipeline flow on them."""
+    start = time.perf_counter()
+    write_demo_files(settings, echo)
     echo("[demo] running the pipeline: prepare -> train -> evaluate -> select (progress below)")
     from likeness.flows.pipeline import pipeline
 

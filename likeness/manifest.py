@@ -36,7 +36,7 @@ from pandera.typing.pandas import Series
 from likeness.content import HashIndex, bytes_digest, digest_parts
 from likeness.files import write_atomic
 from likeness.settings import Concept
-from likeness.stages import Counts, PrepareError, StageResult, load_rows, write_table
+from likeness.stages import Counts, PrepareError, StageResult, load_rows, rerun_hint, write_table
 from likeness.workspace import Workspace
 
 MANIFEST_VERSION = 2  # 2: bucket column
@@ -152,7 +152,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """The manifest, validated; mask_path / mask_hash are None where there is no mask."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: no manifest; run `likeness stage manifest --profile <profile>` (or `likeness prepare`)")
+        raise ManifestError(f"{path}: no manifest; run `{rerun_hint('stage manifest')}` (or `{rerun_hint('prepare')}`)")
     text_columns = {c: str for c in COLUMNS if ManifestSchema.to_schema().columns[c].dtype.type in (str, object)}
     try:
         df = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values={c: [""] for c in OPTIONAL})

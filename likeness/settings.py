@@ -101,15 +101,15 @@ class ImageAugmentations(Section):
 
     crop_jitter: bool = Field(False, description="Bucket mode: a random crop offset instead of the centre crop.")
     flip: Toggle = Field("off", description="Horizontal flip of the image and its mask.")
-    rotate: Toggle = "off"
+    rotate: Toggle = Field("off", description="Rotation of image and mask by up to rotate_max_angle: off, random or fixed (OneTrainer: enable_random_rotate / enable_fixed_rotate).")
     rotate_max_angle: float = Field(0.0, ge=0, le=180, description="Degrees; image and mask rotate together.")
-    brightness: Toggle = "off"
+    brightness: Toggle = Field("off", description="Brightness change by up to brightness_max_strength: off, random or fixed (OneTrainer: enable_random_brightness / enable_fixed_brightness).")
     brightness_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
-    contrast: Toggle = "off"
+    contrast: Toggle = Field("off", description="Contrast change by up to contrast_max_strength: off, random or fixed (OneTrainer: enable_random_contrast / enable_fixed_contrast).")
     contrast_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
-    saturation: Toggle = "off"
+    saturation: Toggle = Field("off", description="Saturation change by up to saturation_max_strength: off, random or fixed (OneTrainer: enable_random_saturation / enable_fixed_saturation).")
     saturation_max_strength: float = Field(0.0, ge=0, le=1, description="Factor 1 +- strength.")
-    hue: Toggle = "off"
+    hue: Toggle = Field("off", description="Hue shift by up to hue_max_strength: off, random or fixed (OneTrainer: enable_random_hue / enable_fixed_hue).")
     hue_max_strength: float = Field(0.0, ge=0, le=0.5, description="Hue shift, in turns (0.5 = opposite colour).")
     mask_rotate_crop: bool = Field(False, description="Rotate (up to 20 degrees) and crop around the mask with 10-30 % padding.")
     circular_mask_shrink: bool = Field(False, description="Keep only a random disc of the mask.")
@@ -121,13 +121,13 @@ class Concept(Section):
     role: Literal["subject", "regularization"] = Field(
         "subject", description="subject: the person being learned; regularization: generic class images.",
     )
-    enabled: bool = True
-    include_subdirectories: bool = False
-    caption: CaptionSource = Field(default_factory=CaptionSource)
+    enabled: bool = Field(True, description="A disabled concept is skipped by every stage (OneTrainer: enabled).")
+    include_subdirectories: bool = Field(False, description="Also take images from sub-folders of path (OneTrainer: include_subdirectories).")
+    caption: CaptionSource = Field(default_factory=CaptionSource, description="Where this concept's captions come from (OneTrainer: concept.text).")
     balancing: PositiveFloat | Literal["auto"] = Field(
         1.0, description="Samples per epoch = floor(images x balancing) (REPEATS) or int(balancing) (SAMPLES); 'auto' makes a regularization concept match the subject images.",
     )
-    balancing_strategy: Literal["REPEATS", "SAMPLES"] = "REPEATS"
+    balancing_strategy: Literal["REPEATS", "SAMPLES"] = Field("REPEATS", description="How balancing is read: REPEATS multiplies the image count, SAMPLES is an absolute count per epoch; reference REPEATS (OneTrainer: balancing_strategy).")
     loss_weight: float = Field(1.0, ge=0, description="Multiplies this concept's loss.")
     validation: bool = Field(False, description="A validation concept: never trained on, only measured.")
     masks: bool | None = Field(None, description="Compute head masks for this concept; default: on for the subject, off for regularization.")
@@ -175,19 +175,19 @@ class MaskSettings(Section):
     enabled: bool = Field(True, description="Generate head masks for concepts with masks on.")
     model: str = Field("CIDAS/clipseg-rd64-refined", min_length=1, description="CLIPSeg hub id or folder.")
     prompts: list[str] = Field(["head"], min_length=1, description="Averaged after sigmoid.")
-    threshold: float = Field(0.3, gt=0, lt=1)
+    threshold: float = Field(0.3, gt=0, lt=1, description="CLIPSeg probability (0-1) above which a pixel belongs to the mask; reference 0.3 (OneTrainer mask tool: threshold).")
     smooth: int = Field(5, ge=0, description="Box blur radius at model resolution.")
     expand: int = Field(10, ge=0, description="Grow the mask by this many pixels.")
-    alpha: float = Field(1.0, gt=0, le=1)
+    alpha: float = Field(1.0, gt=0, le=1, description="Opacity (0-1) written into the mask; 1 keeps a hard mask (OneTrainer mask tool: alpha).")
     mode: Literal["replace", "fill"] = Field("replace", description="fill keeps a mask the user drew.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Images per CLIPSeg batch; reference 8.")
 
 
 class CaptionerSettings(Section):
     model: str = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model for concepts with caption source 'captioner'.")
     kind: Literal["auto", "blip", "kosmos2"] = Field("auto", description="blip: plain image-to-text (BLIP and alike); kosmos2: Kosmos-2 (e.g. microsoft/kosmos-2-patch14-224) with its grounding prompt, tags stripped, max_new_tokens >= 64; auto: from the model's config.")
-    max_new_tokens: int = Field(40, ge=1)
-    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(40, ge=1, description="Longest caption the captioner writes, in tokens; reference 40.")
+    batch_size: int = Field(8, ge=1, description="Images per captioner batch; reference 8.")
 
 
 class LatentSettings(Section):
@@ -200,51 +200,51 @@ class LatentSettings(Section):
 class PartSettings(Section):
     """One trainable part of the model (UNet, a text encoder, the VAE)."""
 
-    train: bool = True
+    train: bool = Field(True, description="Train this part; off keeps it frozen (OneTrainer: <part>.train).")
     learning_rate: PositiveFloat | None = Field(None, description="Default: optimizer.learning_rate.")
-    weight_dtype: Dtype = "bfloat16"
+    weight_dtype: Dtype = Field("bfloat16", description="Dtype the part's weights are held in during training; reference bfloat16 (OneTrainer: <part>.weight_dtype).")
     stop_training_after: int = Field(0, ge=0, description="With a unit other than NEVER the part trains for this many units (0: not at all).")
-    stop_training_after_unit: Literal["NEVER", "EPOCH", "STEP"] = "NEVER"
+    stop_training_after_unit: Literal["NEVER", "EPOCH", "STEP"] = Field("NEVER", description="Unit of stop_training_after; NEVER trains the part to the end (OneTrainer: <part>.stop_training_after_unit).")
 
 
 class UNetSettings(PartSettings):
-    learning_rate: PositiveFloat | None = 1e-5
+    learning_rate: PositiveFloat | None = Field(1e-5, description="UNet learning rate; reference 1e-5 (OneTrainer: unet.learning_rate); empty: optimizer.learning_rate.")
 
 
 class TextEncoderSettings(PartSettings):
-    learning_rate: PositiveFloat | None = Field(3e-6, description="Higher burns the model (reference run).")
+    learning_rate: PositiveFloat | None = Field(3e-6, description="Text encoder learning rate; reference 3e-6, higher burns the model (OneTrainer: text_encoder.learning_rate).")
     clip_skip: int = Field(0, ge=0, le=10, description="Hidden layers skipped from the end (0 = penultimate layer, as SDXL).")
 
 
 class TextEncoder2Settings(TextEncoderSettings):
-    train: bool = False
-    learning_rate: PositiveFloat | None = None
+    train: bool = Field(False, description="Train the second (OpenCLIP bigG) text encoder of SDXL; reference off (OneTrainer: text_encoder_2.train).")
+    learning_rate: PositiveFloat | None = Field(None, description="Its learning rate; empty: optimizer.learning_rate (OneTrainer: text_encoder_2.learning_rate).")
 
 
 class VaeSettings(PartSettings):
-    train: bool = False
-    weight_dtype: Dtype = "float32"
+    train: bool = Field(False, description="Training the VAE is not supported; keep off.")
+    weight_dtype: Dtype = Field("float32", description="Dtype of the VAE weights; reference float32 (the SDXL VAE overflows in float16) (OneTrainer: vae.weight_dtype).")
 
 
 class EmaSettings(Section):
-    enabled: bool = False
-    decay: float = Field(0.999, gt=0, lt=1)
-    update_step_interval: int = Field(1, ge=1)
-    on_cpu: bool = False
+    enabled: bool = Field(False, description="Keep an exponential moving average of the weights and save that; reference off (OneTrainer: ema).")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per update; reference 0.999 (OneTrainer: ema_decay).")
+    update_step_interval: int = Field(1, ge=1, description="Steps between EMA updates; reference 1 (OneTrainer: ema_update_step_interval).")
+    on_cpu: bool = Field(False, description="Hold the EMA weights in CPU memory (saves GPU memory, slower; OneTrainer: ema CPU).")
 
 
 class MaskedTrainingSettings(Section):
     enabled: bool = Field(True, description="Weight the loss by the head mask.")
     unmasked_weight: UnitInterval = Field(0.6, description="Loss weight outside the mask.")
     unmasked_probability: UnitInterval = Field(0.1, description="Probability that a step ignores the mask.")
-    normalize_masked_area_loss: bool = False
+    normalize_masked_area_loss: bool = Field(False, description="Divide the masked loss by the mask's area, so small heads weigh as much as large ones; reference off (OneTrainer: normalize_masked_area_loss).")
 
 
 class LossSettings(Section):
-    mse_strength: float = Field(1.0, ge=0)
-    mae_strength: float = Field(0.0, ge=0)
-    log_cosh_strength: float = Field(0.0, ge=0)
-    weight_fn: Literal["CONSTANT", "MIN_SNR_GAMMA", "DEBIASED_ESTIMATION", "P2"] = "CONSTANT"
+    mse_strength: float = Field(1.0, ge=0, description="Weight of the mean squared error loss; reference 1 (OneTrainer: mse_strength).")
+    mae_strength: float = Field(0.0, ge=0, description="Weight of the mean absolute error loss; reference 0 (OneTrainer: mae_strength).")
+    log_cosh_strength: float = Field(0.0, ge=0, description="Weight of the log-cosh loss; reference 0 (OneTrainer: log_cosh_strength).")
+    weight_fn: Literal["CONSTANT", "MIN_SNR_GAMMA", "DEBIASED_ESTIMATION", "P2"] = Field("CONSTANT", description="Per-timestep loss weighting; reference CONSTANT (OneTrainer: loss_weight_fn).")
     weight_strength: float = Field(5.0, gt=0, description="Gamma of MIN_SNR_GAMMA and P2.")
 
     @model_validator(mode="after")
@@ -255,13 +255,13 @@ class LossSettings(Section):
 
 
 class NoiseSettings(Section):
-    offset_noise_weight: float = Field(0.0, ge=0)
-    perturbation_noise_weight: float = Field(0.0, ge=0)
-    min_noising_strength: UnitInterval = 0.0
-    max_noising_strength: UnitInterval = 1.0
-    timestep_distribution: Literal["UNIFORM", "SIGMOID", "LOGIT_NORMAL", "HEAVY_TAIL", "COS_MAP"] = "UNIFORM"
-    noising_weight: float = 0.0
-    noising_bias: float = 0.5
+    offset_noise_weight: float = Field(0.0, ge=0, description="Offset noise (a per-channel constant added to the noise) for darker darks and brighter brights; reference 0 (OneTrainer: offset_noise_weight).")
+    perturbation_noise_weight: float = Field(0.0, ge=0, description="Input perturbation noise weight; reference 0 (OneTrainer: perturbation_noise_weight).")
+    min_noising_strength: UnitInterval = Field(0.0, description="Lowest timestep trained, as a fraction (0-1) of the schedule; reference 0 (OneTrainer: min_noising_strength).")
+    max_noising_strength: UnitInterval = Field(1.0, description="Highest timestep trained, as a fraction (0-1) of the schedule; reference 1 (OneTrainer: max_noising_strength).")
+    timestep_distribution: Literal["UNIFORM", "SIGMOID", "LOGIT_NORMAL", "HEAVY_TAIL", "COS_MAP"] = Field("UNIFORM", description="How training timesteps are drawn; reference UNIFORM (OneTrainer: timestep_distribution).")
+    noising_weight: float = Field(0.0, description="Shape of the timestep distribution (its spread); 0 with UNIFORM; reference 0 (OneTrainer: noising_weight).")
+    noising_bias: float = Field(0.5, description="Centre of the timestep distribution; reference 0.5 (OneTrainer: noising_bias).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto: as the base model's scheduler says.")
 
     @model_validator(mode="after")
@@ -272,21 +272,21 @@ class NoiseSettings(Section):
 
 
 class TrainingSettings(Section):
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: int = Field(200, ge=1, description="Passes over the balanced dataset; reference 200 (OneTrainer: epochs).")
+    batch_size: int = Field(1, ge=1, description="Images per optimizer step; reference 1 (OneTrainer: batch_size).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches whose gradients add up before one optimizer step; reference 1 (OneTrainer: gradient_accumulation_steps).")
     train_dtype: Dtype = Field("bfloat16", description="Autocast dtype of the forward pass.")
     output_dtype: Dtype = Field("bfloat16", description="Dtype of saved checkpoints.")
-    gradient_checkpointing: bool = True
-    caption_dropout_probability: UnitInterval = 0.0
-    unet: UNetSettings = Field(default_factory=UNetSettings)
-    text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
-    text_encoder_2: TextEncoder2Settings = Field(default_factory=TextEncoder2Settings)
-    vae: VaeSettings = Field(default_factory=VaeSettings)
-    ema: EmaSettings = Field(default_factory=EmaSettings)
-    masked_training: MaskedTrainingSettings = Field(default_factory=MaskedTrainingSettings)
-    loss: LossSettings = Field(default_factory=LossSettings)
-    noise: NoiseSettings = Field(default_factory=NoiseSettings)
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: much less memory, ~20 % slower; reference on (OneTrainer: gradient_checkpointing).")
+    caption_dropout_probability: UnitInterval = Field(0.0, description="Probability (0-1) that a step trains on an empty caption; reference 0 (OneTrainer: dropout_probability).")
+    unet: UNetSettings = Field(default_factory=UNetSettings, description="The UNet: trained, learning rate 1e-5 (OneTrainer: unet).")
+    text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings, description="The first (CLIP ViT-L) text encoder: trained, learning rate 3e-6 (OneTrainer: text_encoder).")
+    text_encoder_2: TextEncoder2Settings = Field(default_factory=TextEncoder2Settings, description="SDXL's second (OpenCLIP bigG) text encoder: frozen in the reference run (OneTrainer: text_encoder_2); ignored for SD 1.5.")
+    vae: VaeSettings = Field(default_factory=VaeSettings, description="The VAE: always frozen, float32 (OneTrainer: vae).")
+    ema: EmaSettings = Field(default_factory=EmaSettings, description="Exponential moving average of the weights (OneTrainer: ema).")
+    masked_training: MaskedTrainingSettings = Field(default_factory=MaskedTrainingSettings, description="Loss weighted by the head mask (OneTrainer: masked_training).")
+    loss: LossSettings = Field(default_factory=LossSettings, description="The loss functions and their weighting.")
+    noise: NoiseSettings = Field(default_factory=NoiseSettings, description="Noise and timestep sampling of the diffusion training.")
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
     tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
     max_nonfinite_steps: int = Field(3, ge=1, description="Steps with a NaN/inf loss or gradient (never applied: skipped, or rolled back to the last backup) after which training stops with an error.")
@@ -301,37 +301,37 @@ class TrainingSettings(Section):
 
 
 class AdafactorSettings(Section):
-    eps: float = Field(1e-30, gt=0)
-    eps2: float = Field(1e-3, gt=0)
-    clip_threshold: float = Field(1.0, gt=0)
-    decay_rate: float = Field(-0.8, lt=0)
+    eps: float = Field(1e-30, gt=0, description="Regularization added to the squared gradient; reference 1e-30 (OneTrainer: optimizer.eps).")
+    eps2: float = Field(1e-3, gt=0, description="Regularization of the parameter scale; reference 1e-3 (OneTrainer: optimizer.eps2).")
+    clip_threshold: float = Field(1.0, gt=0, description="Update clipping threshold (RMS of the update); reference 1 (OneTrainer: optimizer.clip_threshold).")
+    decay_rate: float = Field(-0.8, lt=0, description="Exponent of the second-moment decay; reference -0.8 (OneTrainer: optimizer.decay_rate).")
     beta1: float | None = Field(None, ge=0, lt=1, description="None: no first moment (saves memory).")
-    relative_step: bool = False
-    scale_parameter: bool = False
-    warmup_init: bool = False
+    relative_step: bool = Field(False, description="Adafactor's own time-dependent learning rate instead of learning_rate; reference off (OneTrainer: optimizer.relative_step).")
+    scale_parameter: bool = Field(False, description="Scale the learning rate by the parameter's RMS; reference off (OneTrainer: optimizer.scale_parameter).")
+    warmup_init: bool = Field(False, description="Warm the relative step up from zero (only with relative_step); reference off (OneTrainer: optimizer.warmup_init).")
 
 
 class AdamWSettings(Section):
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1, description="Decay of the first moment (0-1); default 0.9 (OneTrainer: optimizer.beta1).")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Decay of the second moment (0-1); default 0.999 (OneTrainer: optimizer.beta2).")
+    eps: float = Field(1e-8, gt=0, description="Added to the denominator for stability; default 1e-8 (OneTrainer: optimizer.eps).")
 
 
 class OptimizerSettings(Section):
-    name: Literal["ADAFACTOR", "ADAMW"] = "ADAFACTOR"
+    name: Literal["ADAFACTOR", "ADAMW"] = Field("ADAFACTOR", description="The optimizer; reference ADAFACTOR (OneTrainer: optimizer.optimizer).")
     learning_rate: PositiveFloat = Field(1e-5, description="Default learning rate of parts that set none.")
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay per step; reference 0.01 (OneTrainer: optimizer.weight_decay).")
     fused_back_pass: bool = Field(True, description="Optimizer step inside backward: SDXL in ~10 GB; no gradient accumulation.")
     stochastic_rounding: bool = Field(True, description="Stochastic rounding of bf16 weight updates.")
-    adafactor: AdafactorSettings = Field(default_factory=AdafactorSettings)
-    adamw: AdamWSettings = Field(default_factory=AdamWSettings)
+    adafactor: AdafactorSettings = Field(default_factory=AdafactorSettings, description="Adafactor's parameters (used when name is ADAFACTOR).")
+    adamw: AdamWSettings = Field(default_factory=AdamWSettings, description="AdamW's parameters (used when name is ADAMW).")
 
 
 class ScheduleSettings(Section):
     scheduler: Literal["CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS"] = Field(
         "CONSTANT", description="Learning-rate schedule after warmup; CONSTANT with warmup_steps > 0 is 'constant with warmup'.",
     )
-    warmup_steps: int = Field(200, ge=0)
+    warmup_steps: int = Field(200, ge=0, description="Steps over which the learning rate rises linearly from 0; reference 200 (OneTrainer: learning_rate_warmup_steps).")
     cycles: float = Field(1.0, gt=0, description="Cycles of COSINE_WITH_RESTARTS.")
 
 
@@ -339,10 +339,10 @@ class ScheduleSettings(Section):
 
 
 class SamplePrompt(Section):
-    prompt: str = Field(min_length=1)
-    negative_prompt: str = ""
-    seed: int = 42
-    random_seed: bool = False
+    prompt: str = Field(min_length=1, description="The prompt, A1111 weight syntax allowed, e.g. 'photo of ohwx man, (natural lighting:1.2)' (OneTrainer: sample.prompt).")
+    negative_prompt: str = Field("", description="What the image should not show (OneTrainer: sample.negative_prompt).")
+    seed: int = Field(42, description="Seed of the sample's noise (OneTrainer: sample.seed).")
+    random_seed: bool = Field(False, description="A new seed each time instead of seed (OneTrainer: sample.random_seed).")
 
 
 NEGATIVE_PROMPT = (
@@ -354,36 +354,36 @@ NEGATIVE_PROMPT = (
 class GenerationSettings(Section):
     """How images are generated, shared by samples during training and evaluation grids."""
 
-    steps: int = Field(40, ge=1, le=500)
-    cfg_scale: float = Field(7.0, ge=0)
-    sampler: SamplerName = "DPMPP_SDE_KARRAS"
+    steps: int = Field(40, ge=1, le=500, description="Denoising steps per image; reference 40 (OneTrainer: sample.diffusion_steps).")
+    cfg_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale; reference 7 (OneTrainer: sample.cfg_scale).")
+    sampler: SamplerName = Field("DPMPP_SDE_KARRAS", description="The noise scheduler: OneTrainer names (DPMPP_SDE_KARRAS, the reference) or A1111 names ('DPM++ SDE Karras') (OneTrainer: sample.noise_scheduler).")
     resolution: int | None = Field(None, ge=64, multiple_of=64, description="Default: the training resolution.")
 
 
 class SamplingSettings(GenerationSettings):
-    every: int = Field(10, ge=1)
-    unit: TimeUnit = "MINUTE"
+    every: int = Field(10, ge=1, description="Sample every this many units; reference 10 (OneTrainer: sample_after).")
+    unit: TimeUnit = Field("MINUTE", description="Unit of every: NEVER, MINUTE, EPOCH or STEP; reference MINUTE (OneTrainer: sample_after_unit).")
     at_start: bool = Field(True, description="Also sample before the first step.")
-    image_format: Literal["jpg", "png"] = "jpg"
-    prompts: list[SamplePrompt] = Field(default_factory=lambda: [
+    image_format: Literal["jpg", "png"] = Field("jpg", description="File format of the sample images (OneTrainer: sample_image_format).")
+    prompts: list[SamplePrompt] = Field(description="The sample prompts, each with its seed (OneTrainer: samples).", default_factory=lambda: [
         SamplePrompt(prompt="photo of ohwx man lying on the floor of a penthouse, surrounded by kittens, looking into the camera, natural lighting", negative_prompt=NEGATIVE_PROMPT, random_seed=True),
         SamplePrompt(prompt="photo of ohwx man in a black suit, looking into the camera, natural lighting", negative_prompt=NEGATIVE_PROMPT, random_seed=True),
     ])
 
 
 class SavingSettings(Section):
-    every: int = Field(15, ge=1)
-    unit: TimeUnit = "EPOCH"
+    every: int = Field(15, ge=1, description="Save a checkpoint every this many units; reference 15 (OneTrainer: save_every).")
+    unit: TimeUnit = Field("EPOCH", description="Unit of every: NEVER, MINUTE, EPOCH or STEP; reference EPOCH (OneTrainer: save_every_unit).")
     skip_first: int = Field(0, ge=0, description="No saves during the first N units.")
     prefix: str = Field("person", min_length=1, pattern=r"^[\w.-]+$", description="Checkpoints are <prefix>-<epoch>.safetensors.")
     format: Literal["safetensors", "diffusers"] = Field("safetensors", description="safetensors: one file A1111/ComfyUI load.")
 
 
 class BackupSettings(Section):
-    every: int = Field(30, ge=1)
-    unit: TimeUnit = "MINUTE"
-    rolling_count: int = Field(3, ge=1)
-    before_save: bool = False
+    every: int = Field(30, ge=1, description="Back up the training state every this many units; reference 30 (OneTrainer: backup_after).")
+    unit: TimeUnit = Field("MINUTE", description="Unit of every: NEVER, MINUTE, EPOCH or STEP; reference MINUTE (OneTrainer: backup_after_unit).")
+    rolling_count: int = Field(3, ge=1, description="Backups kept; older ones are deleted; reference 3 (OneTrainer: rolling_backup_count).")
+    before_save: bool = Field(False, description="Also back up just before each checkpoint save (OneTrainer: backup_before_save).")
 
 
 class SelectionSettings(Section):
@@ -410,13 +410,14 @@ class SelectionSettings(Section):
 class EvaluationSettings(GenerationSettings):
     prompts: list[str] = Field(
         ["photo of ohwx man", "photo of ohwx man in a black suit", "photo of ohwx man lying on the floor with kittens"],
-        min_length=1,
+        min_length=1, description="The grid's rows: every checkpoint generates each prompt with the same seeds.",
     )
-    negative_prompt: str = NEGATIVE_PROMPT
-    seeds_per_prompt: int = Field(4, ge=1, le=64)
+    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Negative prompt of every grid image.")
+    seeds_per_prompt: int = Field(4, ge=1, le=64, description="Images per prompt and checkpoint (seeds seed, seed+1, ...); reference 4.")
     seed: int = Field(0, description="First seed; prompt i uses seeds seed..seed+seeds_per_prompt-1 for every checkpoint.")
     metrics: list[Literal["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"]] = Field(
         ["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"],
+        description="Scores computed per checkpoint: dino and clip_i (likeness to the training photos), clip_t (prompt fidelity), class_prior_loss and validation_loss.",
     )
     class_prior_images: int = Field(
         8, ge=0, le=1000,
@@ -426,7 +427,7 @@ class EvaluationSettings(GenerationSettings):
     clip_model: str = Field("openai/clip-vit-large-patch14", min_length=1, description="CLIP (hub id or folder) for the clip_i likeness and clip_t prompt-fidelity metrics.")
     head_crops: bool = Field(True, description="Score likeness on head crops: the mask's box on training photos, CLIPSeg (masks.model) on generated images, else a centre crop.")
     loss_timesteps: int = Field(8, ge=1, le=1000, description="Fixed, evenly spaced timesteps of the deterministic class-prior and validation losses.")
-    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings, description="How the best checkpoint is picked from the scores.")
 
 
 class WatchSettings(Section):
@@ -442,21 +443,21 @@ class WatchSettings(Section):
 class Settings(Section):
     """Everything a run needs. Sections mirror the pipeline's stages."""
 
-    run: RunSettings = Field(default_factory=RunSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    concepts: list[Concept] = Field(default_factory=_reference_concepts, min_length=1)
-    resize: ResizeSettings = Field(default_factory=ResizeSettings)
-    masks: MaskSettings = Field(default_factory=MaskSettings)
-    captioner: CaptionerSettings = Field(default_factory=CaptionerSettings)
-    latents: LatentSettings = Field(default_factory=LatentSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    saving: SavingSettings = Field(default_factory=SavingSettings)
-    backups: BackupSettings = Field(default_factory=BackupSettings)
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
-    watch: WatchSettings = Field(default_factory=WatchSettings)
+    run: RunSettings = Field(default_factory=RunSettings, description="Run mechanics: name, workspace folder, device, seed, retries, worker threads.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The base model to fine-tune (OneTrainer: base_model_name, model_type).")
+    concepts: list[Concept] = Field(default_factory=_reference_concepts, min_length=1, description="The photo folders to train on: the subject (the person) and regularization images, each with its captions and balancing (OneTrainer: concepts).")
+    resize: ResizeSettings = Field(default_factory=ResizeSettings, description="How photos become training images: resolution, padding or buckets.")
+    masks: MaskSettings = Field(default_factory=MaskSettings, description="Head masks made with CLIPSeg, used by masked training and head-crop scoring.")
+    captioner: CaptionerSettings = Field(default_factory=CaptionerSettings, description="The image-to-text model for concepts whose caption source is 'captioner'.")
+    latents: LatentSettings = Field(default_factory=LatentSettings, description="The VAE latent and text-embedding cache written before training (OneTrainer: latent_caching).")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="The training run: epochs, batch, dtypes, the trained parts, loss and noise.")
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="The optimizer and its learning rate (OneTrainer: optimizer).")
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings, description="The learning-rate schedule and warmup (OneTrainer: learning_rate_scheduler).")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="Sample images generated during training to watch progress (OneTrainer: sample_after, samples).")
+    saving: SavingSettings = Field(default_factory=SavingSettings, description="When checkpoints are saved during training (OneTrainer: save_every).")
+    backups: BackupSettings = Field(default_factory=BackupSettings, description="Resumable backups of the training state (OneTrainer: backup_after).")
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, description="The X/Y grid of every checkpoint, the likeness scores and the selection of the best checkpoint.")
+    watch: WatchSettings = Field(default_factory=WatchSettings, description="The dataset watcher that retrains when the photos change.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -16,7 +16,9 @@ Table format (JSON): {"stage", "version", "rows": [{"id": "<concept>/<stem>", ..
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,26 @@ PREVIOUS = {
 }
 
 
+# The profile named in "run `likeness ... --profile <profile>`" hints: the CLI and the entry flows
+# set the one the run was started with, so a message says what to type.
+RUN_PROFILE: ContextVar[str] = ContextVar("likeness_run_profile", default="<profile>")
+
+
+@contextmanager
+def run_profile(profile: str | None) -> Iterator[None]:
+    """Name `profile` in the error hints raised inside this block (see RUN_PROFILE)."""
+    token = RUN_PROFILE.set(profile or "<profile>")
+    try:
+        yield
+    finally:
+        RUN_PROFILE.reset(token)
+
+
+def rerun_hint(command: str) -> str:
+    """`likeness <command> --profile <the run's profile>`."""
+    return f"likeness {command} --profile {RUN_PROFILE.get()}"
+
+
 class PrepareError(Exception):
     """A problem with the user's data or settings: retrying will not help, fixing the input will."""
 
@@ -46,7 +68,7 @@ class MissingStageError(PrepareError):
         self.stage, self.needs, self.path = stage, needs, path
         super().__init__(
             f"stage '{stage}' needs the output of stage '{needs}' ({path}), which does not exist yet: "
-            f"run `likeness stage {needs} --profile <profile>` (or `likeness prepare --profile <profile>`) first"
+            f"run `{rerun_hint(f'stage {needs}')}` (or `{rerun_hint('prepare')}`) first"
         )
 
 

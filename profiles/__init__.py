@@ -61,21 +61,53 @@ def profile_path(name_or_path: str | Path) -> Path:
 def load_profile(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Settings:
     """Read a profile, apply `key=value` overrides, and validate it."""
     path = profile_path(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError([f"not valid TOML: {exc}"], source=str(path)) from None
+    data = profile_data(path)
     for assignment in overrides:
         apply_override(data, assignment)
-    return validate_settings(data, source=str(path))
+    return validate_settings(data, source=str(path), overrides=overrides)
 
 
-def validate_settings(data: dict[str, Any], source: str | None = None) -> Settings:
-    """`Settings.model_validate` with errors rewritten as `field.path: what is wrong`."""
+def profile_data(name_or_path: str | Path) -> dict[str, Any]:
+    """The raw TOML data of a profile (name or path), not yet validated."""
+    path = profile_path(name_or_path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError([f"not valid TOML: {exc}"], source=str(path)) from None
+
+
+def validate_settings(data: dict[str, Any], source: str | None = None, overrides: Iterable[str] = ()) -> Settings:
+    """`Settings.model_validate` with errors rewritten as `field.path: what is wrong`.
+
+    A problem in a field an override set names that override as its source, not the profile.
+    """
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise SettingsError([describe_error(e) for e in exc.errors()], source=source) from None
+        problems, blamed = [], []
+        for error in exc.errors():
+            culprit = _override_of(error["loc"], overrides)
+            problems.append(describe_error(error) + (f" (set by the override {culprit!r})" if culprit else ""))
+            blamed.append(culprit)
+        if blamed and all(blamed):
+            named = list(dict.fromkeys(blamed))
+            source = (f"the override{'s' if len(named) > 1 else ''} {', '.join(map(repr, named))}"
+                      + (f" (on {source})" if source else ""))
+        raise SettingsError(problems, source=source) from None
+
+
+def _override_of(loc: Sequence[str | int], overrides: Iterable[str]) -> str | None:
+    """The last override whose key is the field at `loc`, inside it, or around it."""
+    found = None
+    for assignment in overrides:
+        try:
+            key = parse_key_path(assignment.partition("=")[0].strip())
+        except SettingsError:
+            continue
+        shorter = min(len(key), len(loc))
+        if loc and list(key[:shorter]) == list(loc[:shorter]):
+            found = assignment
+    return found
 
 
 # --- overrides -------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ Table rows: id, mask (path or None), mask_hash, mask_origin ("clipseg" / "user" 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Callable
 from functools import cache
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -131,10 +133,14 @@ def masks_stage(resize: StageResult, settings: MaskSettings, concepts: list[Conc
     return result
 
 
+def is_flagged(row: Row) -> bool:
+    """A generated mask that covers almost nothing or almost everything."""
+    return row["mask_origin"] == "clipseg" and not EMPTY_BELOW <= row["coverage"] <= FULL_ABOVE
+
+
 def _report(table: list[Row]) -> tuple[str, int]:
     """Markdown listing generated masks that cover almost nothing or almost everything."""
-    flagged = [f"- `{r['mask']}`: covers {r['coverage']:.1%} of the image" for r in table
-               if r["mask_origin"] == "clipseg" and not EMPTY_BELOW <= r["coverage"] <= FULL_ABOVE]
+    flagged = [f"- `{r['mask']}`: covers {r['coverage']:.1%} of the image" for r in table if is_flagged(r)]
     if not flagged:
         return "# Masks\n\nNo mask flagged.\n", 0
     lines = [f"{len(flagged)} mask(s) look wrong (empty or almost everything); check them:", "", *flagged]
@@ -177,6 +183,50 @@ def _one(row: Row, mask: np.ndarray | None, ws: Workspace, index: HashIndex) -> 
             "outputs": {str(target): digest}}
 
 
+# --- what a UI user looks at ----------------------------------------------------------------
+
+SHEET_TINT, SHEET_FLAG = (0, 200, 255), (230, 30, 30)
+
+
+def mask_sheet(items: list[tuple[str, Path, Path, bool]], thumb: int = 128, columns: int = 6) -> bytes:
+    """A JPEG contact sheet: each (label, prepared image, mask, flagged) as a thumbnail with its mask
+    tinted cyan; a flagged mask gets a red frame and a '!' before its label."""
+    columns, label_height = max(1, min(columns, len(items))), 14
+    rows = -(-len(items) // columns)
+    sheet = Image.new("RGB", (columns * (thumb + 4) + 4, rows * (thumb + label_height + 4) + 4), (24, 24, 28))
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, image_path, mask_path, flagged) in enumerate(items):
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            tile = ImageOps.contain(image.convert("RGB"), (thumb, thumb))
+            alpha = mask.convert("L").resize(tile.size).point(lambda v: v * 115 // 255)  # 45 % tint at 255
+        tile.paste(Image.new("RGB", tile.size, SHEET_TINT), (0, 0), alpha)
+        x, y = 4 + (i % columns) * (thumb + 4), 4 + (i // columns) * (thumb + label_height + 4)
+        sheet.paste(tile, (x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2))
+        if flagged:
+            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=SHEET_FLAG, width=3)
+        draw.text((x + 2, y + thumb + 1), ("! " if flagged else "") + label[-22:],
+                  fill=SHEET_FLAG if flagged else (220, 220, 220))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def overlays_markdown(resize: StageResult, result: StageResult, limit: int = 120) -> str | None:
+    """The `mask-overlays` artifact: the contact sheet of every mask, inline (None: no masks)."""
+    prepared = {row["id"]: row["prepared"] for row in load_rows(resize)}
+    rows = [row for row in load_rows(result) if row["mask"]]
+    if not rows:
+        return None
+    shown = sorted(rows, key=lambda r: not is_flagged(r))[:limit]  # flagged first, so none is cut off
+    sheet = mask_sheet([(r["id"], Path(prepared[r["id"]]), Path(r["mask"]), is_flagged(r)) for r in shown],
+                       thumb=128 if len(shown) <= 48 else 96)
+    flags = sum(is_flagged(r) for r in rows)
+    more = f" ({len(rows) - len(shown)} more not shown)" if len(rows) > len(shown) else ""
+    return (f"# Masks\n\n{len(rows)} mask(s){more}, tinted cyan over the prepared image; "
+            f"{flags} flagged (red frame, '!': empty or almost everything).\n\n"
+            f"![mask overlays](data:image/jpeg;base64,{base64.b64encode(sheet).decode('ascii')})\n")
+
+
 # --- Prefect task ----------------------------------------------------------------------------
 
 
@@ -187,6 +237,9 @@ def compute_masks(resize: StageResult, masks: MaskSettings, concepts: list[Conce
     result = masks_stage(resize, masks, concepts, ws, HashIndex(ws.hash_index), device, progress("masks"))
     extra = json.loads(result.table.read_text())["extra"]
     create_markdown_artifact(extra["report"], key="masks-report", description="Masks that look empty or full")
+    overlays = overlays_markdown(resize, result)
+    if overlays:
+        create_markdown_artifact(overlays, key="mask-overlays", description="Each photo with its mask tinted; flagged ones framed red")
     logger = get_run_logger()
     if extra["flagged"]:
         logger.warning("%d mask(s) look empty or cover almost everything: see %s", extra["flagged"], ws.report("masks-report.md"))

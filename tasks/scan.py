@@ -29,12 +29,12 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from likeness.content import HashIndex, digest_parts
 from likeness.files import write_atomic
 from likeness.settings import Concept
-from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, map_cached, write_table
+from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached, write_table
 from likeness.tasks.common import StagePolicy, progress
 from likeness.workspace import Workspace
 
@@ -313,6 +313,25 @@ def _check_caption(row: Row, concept: Concept, report: ScanReport) -> None:
                    f"no {Path(row['source']).stem}.txt beside it: write one, or set concepts caption.on_missing to prefix_only or filename")
 
 
+def verdict_rows(result: StageResult | None, report: ScanReport) -> list[dict[str, str]]:
+    """One row per file: concept, file, size and its verdict (ok, or each warning and error on it)."""
+    by_path: dict[str, list[Issue]] = defaultdict(list)
+    for issue in report.issues:
+        by_path[issue.path].append(issue)
+    table = []
+    for row in (load_rows(result) if result is not None else []):
+        found = by_path.pop(row["source"], [])
+        table.append({"concept": row["concept"], "file": Path(row["source"]).name,
+                      "size": f"{row['width']}x{row['height']}", "verdict": _verdict(found)})
+    table += [{"concept": "", "file": Path(path).name or path, "size": "", "verdict": _verdict(issues)}
+              for path, issues in by_path.items()]
+    return table
+
+
+def _verdict(issues: list[Issue]) -> str:
+    return "; ".join(f"{i.level} {i.kind}: {i.message}" for i in issues) or "ok"
+
+
 # --- Prefect task ----------------------------------------------------------------------------
 
 
@@ -321,6 +340,7 @@ def scan_images(concepts: list[Concept], min_side: int, ws: Workspace, workers: 
     """List, hash and decode every photo; errors stop the flow, warnings go to the report."""
     result, report = scan_stage(concepts, min_side, ws, HashIndex(ws.hash_index), progress("scan"), workers)
     create_markdown_artifact(report.markdown(), key="scan-report", description="Dataset problems, found before any heavy work")
+    create_table_artifact(verdict_rows(result, report), key="scan-files", description="Each photo and its verdict")
     logger = get_run_logger()
     for issue in report.warnings[:20]:
         logger.warning("%s: %s: %s", issue.kind, issue.path, issue.message)

@@ -256,13 +256,11 @@ def served(tmp_path_factory):
     import sys
     import time
 
-    from likeness.demo_data import write_demo_photos
     from likeness.deployments.server import die_with_parent, free_port, server_env, stop, wait_healthy
-    from likeness.models.tiny import save_tiny_models
 
+    # a fresh folder, as after a clone: `likeness serve --profile demo-cpu` writes the demo models and
+    # photos itself (docs/operations.md, Way 1)
     root = tmp_path_factory.mktemp("served")
-    save_tiny_models(root / "workspace" / "demo" / "models")
-    write_demo_photos(root / "workspace" / "demo" / "photos", counts={"person": 3, "regularization": 4})
     host, port = "127.0.0.1", free_port()
     env = {**server_env(host, port, root / "prefect-home"), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-storage"), "HF_HUB_OFFLINE": "1"}
@@ -279,10 +277,10 @@ def served(tmp_path_factory):
         wait_healthy(host, port, server)
         serving = start("serve", "--profile", "demo-cpu", *(a for o in SERVE_OVERRIDES for a in ("--set", o)))
         served = Served(root, host, port)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # it writes the demo files first
         while served.api.get("/deployments/name/likeness-watch/watch").status_code != 200:
             assert serving.poll() is None, (root / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "likeness serve registered no deployments in 90 s"
+            assert time.monotonic() < deadline, "likeness serve registered no deployments in 180 s"
             time.sleep(0.5)
         time.sleep(2)  # the runner starts polling just after it registers the deployments
         yield served

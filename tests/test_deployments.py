@@ -69,9 +69,12 @@ def test_a_missing_stage_module_is_a_clear_error(monkeypatch):
 
 
 def test_runner_deployments_carry_profile_schedule_and_trigger():
-    settings = load_profile("demo-cpu", ["watch.cron=*/5 * * * *"])
-    built = {d.name: d for d in runner_deployments(settings, "demo-cpu", ["training.epochs=2"])}
-    assert built["stage-masks"].parameters == {"profile": "demo-cpu", "overrides": ["training.epochs=2"], "stage": "masks"}
+    settings = load_profile("demo-cpu", ["watch.cron=*/5 * * * *", "training.epochs=2"])
+    built = {d.name: d for d in runner_deployments(settings, "demo-cpu", ["watch.cron=*/5 * * * *", "training.epochs=2"])}
+    # the form opens on the profile's values, with the serve overrides already in them
+    assert built["stage-masks"].parameters == {"profile": "demo-cpu", "settings": settings.model_dump(mode="json"),
+                                               "overrides": [], "stage": "masks"}
+    assert built["stage-masks"].parameters["settings"]["training"]["epochs"] == 2
     assert built["watch"].schedules[0].schedule.cron == "*/5 * * * *"
     trigger = built["pipeline"].triggers[0]
     assert trigger.expect == {"likeness.dataset.changed"}
@@ -185,7 +188,59 @@ def test_a_stage_alone_names_the_missing_earlier_stage(served):
             break
         time.sleep(1)
     assert "stage 'resize' needs the output of stage 'scan'" in messages
-    assert "likeness stage scan" in messages
+    assert "run `likeness stage scan --profile demo-cpu`" in messages and "<profile>" not in messages
+
+
+@pytest.mark.slow
+def test_serve_wrote_the_missing_demo_files_as_the_docs_promise(served):
+    printed = (served.root / "serve.log").read_text(errors="replace")
+    assert "[serve] the demo files are missing" in printed and "[demo] photos in" in printed
+    demo = served.root / "workspace" / "demo"
+    assert len(list((demo / "photos" / "person").glob("*.jpg"))) == 8
+    assert (demo / "models" / "sdxl" / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_api_refuses_bad_parameters_before_a_run_exists(served):
+    """Unknown or ill-typed parameters at every level: the client call fails (409), no run is created."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deployment = served.deployment("likeness-pipeline/pipeline")
+    before = len(served.runs(deployment_id={"any_": [deployment["id"]]}))
+    bad = [{"unknown": 1}, {"profile": "no-such-profile"}, {"profile": 3}, {"overrides": "training.epochs=3"},
+           {"settings": {"trainig": {}}}, {"settings": {"training": {"epochs": "three"}}},
+           {"settings": {"training": {"unet": {"learning_rat": 1e-5}}}},
+           {"settings": {"concepts": [{"name": "x", "path": "p", "colour": "red"}]}}]
+    with temporary_settings({PREFECT_API_URL: f"{served.url}/api"}), get_client(sync_client=True) as client:
+        for parameters in bad:
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                client.create_flow_run_from_deployment(deployment["id"], parameters=parameters)
+            assert refused.value.response.status_code == 409, parameters
+    assert len(served.runs(deployment_id={"any_": [deployment["id"]]})) == before
+
+
+@pytest.mark.slow
+def test_the_pipeline_run_carries_its_result(served, pipeline_run):
+    """The run the user started: the chosen checkpoint and why as its state message, a summary artifact
+    with the overview grid and links to the stage runs' artifacts; the masks and scan artifacts below."""
+    message = pipeline_run["state"]["message"]
+    assert ".safetensors: " in message and "workspace/demo/output" in message, message
+    tree = served.run_tree(pipeline_run["id"])
+    artifacts = served.api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [r["id"] for r in tree]}}}).json()
+    by_key = {a["key"]: a for a in artifacts}
+    summary = by_key["summary"]
+    assert summary["flow_run_id"] == pipeline_run["id"]
+    assert message.split(": ", 1)[1] in summary["data"] and "data:image/jpeg;base64," in summary["data"]
+    linked = {r["id"] for r in tree[1:]}
+    assert linked and all(f"/runs/flow-run/{run_id}?tab=Artifacts" in summary["data"] for run_id in linked)
+    assert f"/artifacts/artifact/{by_key['grid']['id']}" in summary["data"]
+    assert "data:image/jpeg;base64," in by_key["mask-overlays"]["data"]
+    scan_rows = json.loads(by_key["scan-files"]["data"]) if isinstance(by_key["scan-files"]["data"], str) else by_key["scan-files"]["data"]
+    assert len(scan_rows) == 20 and {row["verdict"] for row in scan_rows} == {"ok"}
+    logs = "\n".join(log["message"] for log in served.logs([pipeline_run["id"]]))
+    assert "settings from the settings form (opened on profile 'demo-cpu'), changed: nothing" in logs
 
 
 GPU_PROBE = textwrap.dedent("""

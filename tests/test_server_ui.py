@@ -1,5 +1,7 @@
 """The Prefect UI in a real headless Chromium: the deployments page lists the likeness deployments,
-and a finished pipeline run's stage pages show the stage logs and the grid and selection artifacts.
+a finished pipeline run's stage pages show the stage logs and the grid and selection artifacts, and
+Custom run opens on the served profile: a user changes epochs, submits, and the run trains exactly that,
+its summary artifact naming the chosen checkpoint.
 
 Needs the Debian packages `chromium` and `chromium-driver` (`.ci/run` installs them when apt is
 available) and selenium (the `test` extra). Without them the test is skipped and says why - never
@@ -98,7 +100,7 @@ def test_ui_lists_deployments_and_shows_stage_logs_and_artifacts(browser, served
 
     stages = {run["flow_name"]: run for run in _named(served, served.run_tree(pipeline_run["id"]))}
     browser.get(f"{served.url}/runs/flow-run/{stages['prepare']['id']}")
-    _wait_for_text(browser, [f"{stage}: 7 processed" for stage in ("scan", "resize", "masks", "captions", "latents")])
+    _wait_for_text(browser, [f"{stage}: 20 processed" for stage in ("scan", "resize", "masks", "captions", "latents")])
     _screenshot(browser, tmp_path, "prepare-logs")
 
     for stage, key in (("evaluate", "grid"), ("select", "selection")):
@@ -116,3 +118,71 @@ def _named(served, runs: list[dict]) -> list[dict]:
         if run["flow_id"] not in names:
             names[run["flow_id"]] = served.api.get(f"/flows/{run['flow_id']}").json()["name"]
         yield {**run, "flow_name": names[run["flow_id"]]}
+
+
+def _form_input(driver, label: str, timeout: float = 60):
+    """The input of the Custom run form's field labelled `label` (the first one, in form order)."""
+    deadline = time.monotonic() + timeout
+    xpath = f"//span[@class='schema-form-property__label' and normalize-space()='{label}']"
+    while not (labels := driver.find_elements("xpath", xpath)):
+        assert time.monotonic() < deadline, f"no form field {label!r} on {driver.current_url}"
+        time.sleep(0.5)
+    field = labels[0].find_element("xpath", "./ancestor::div[contains(concat(' ', @class, ' '), ' p-label ')][1]")
+    return field.find_element("xpath", "./div[contains(@class, 'p-label__body')]//input | ./div[contains(@class, 'p-label__body')]//textarea")
+
+
+def test_custom_run_opens_on_the_profile_and_runs_the_change(browser, served, pipeline_run, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    deployment = served.deployment("likeness-pipeline/pipeline")
+    before = {r["id"] for r in served.runs(deployment_id={"any_": [deployment["id"]]})}
+    browser.get(f"{served.url}/deployments/deployment/{deployment['id']}/run")
+    _wait_for_text(browser, ["profile", "Choose another profile", "settings"])
+    epochs = _form_input(browser, "Epochs (Optional)")
+    assert epochs.get_attribute("value") == "1"  # the served profile's value (demo-cpu, serve --set training.epochs=1)
+    assert _form_input(browser, "Resolution (Optional)").get_attribute("value") == "64"  # resize: demo-cpu's 64 px
+    assert _form_input(browser, "Path").get_attribute("value") == "workspace/demo/photos/person"  # concept 1
+    assert _form_input(browser, "Text (Optional)").get_attribute("value") == "ohwx person"  # its caption
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", epochs)
+    epochs.send_keys(Keys.CONTROL, "a")
+    epochs.send_keys("2")
+    assert epochs.get_attribute("value") == "2"
+    _screenshot(browser, tmp_path, "custom-run-form")
+    next(b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Submit").click()
+
+    deadline = time.monotonic() + 60
+    while not (new := [r for r in served.runs(deployment_id={"any_": [deployment["id"]]}) if r["id"] not in before]):
+        assert time.monotonic() < deadline, "Submit created no flow run"
+        time.sleep(0.5)
+    run = served.wait(new[0]["id"], timeout=900)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    settings = run["parameters"]["settings"]
+    assert settings["training"]["epochs"] == 2 and settings["resize"]["resolution"] == 64
+    assert {k: v for k, v in settings.items() if k != "training"} == \
+        {k: v for k, v in deployment["parameters"]["settings"].items() if k != "training"}  # only that change
+    logs = "\n".join(log["message"] for log in served.logs([r["id"] for r in served.run_tree(run["id"])]))
+    assert "changed: training.epochs=2" in logs
+    assert " for 2 epochs, " in logs, logs[-3000:]  # the trainer ran exactly the changed epoch count
+
+    chosen = run["state"]["message"].split(": ", 1)[0]
+    browser.get(f"{served.url}/runs/flow-run/{run['id']}")
+    _wait_for_text(browser, [run["name"]])
+    _open_tab(browser, "artifacts")
+    _wait_for_text(browser, ["summary"])
+    _screenshot(browser, tmp_path, "custom-run-artifacts")
+    summary = served.api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]},
+                                                                        "key": {"any_": ["summary"]}}}).json()[0]
+    browser.get(f"{served.url}/artifacts/artifact/{summary['id']}")
+    _wait_for_text(browser, ["Chosen checkpoint", Path(chosen).name, "Stage runs and their artifacts"])
+    images = browser.find_elements("css selector", "img[alt='overview grid']")
+    assert images and browser.execute_script("return arguments[0].naturalWidth", images[0]) > 0
+    _screenshot(browser, tmp_path, "custom-run-summary")
+
+
+def test_selection_table_dashes_render_as_text(browser, served, pipeline_run, tmp_path):
+    table = served.api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["selection-table"]}},
+                                                        "sort": "CREATED_DESC", "limit": 1}).json()[0]
+    browser.get(f"{served.url}/artifacts/artifact/{table['id']}")
+    _wait_for_text(browser, ["checkpoint", "base"])
+    _screenshot(browser, tmp_path, "selection-table")
+    assert not browser.find_elements("css selector", "table li"), "a '-' cell rendered as a bullet"

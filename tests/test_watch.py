@@ -133,8 +133,10 @@ def test_changed_photo_triggers_exactly_one_run_that_redoes_only_it(served, pipe
     prepared = _subflow_finished(served, triggered["id"], "prepare", timeout=300)
     assert prepared["state"]["type"] == "COMPLETED", prepared["state"]
     messages = _messages(served, prepared["id"], expect="latents: ")
-    for stage in ("resize", "masks", "latents"):  # 7 photos, 1 changed: redone alone
-        assert any(m.startswith(f"{stage}: 1 processed, 6 reused") for m in messages), (stage, messages)
+    for stage in ("resize", "masks", "latents"):  # 20 photos, 1 changed: redone alone
+        assert any(m.startswith(f"{stage}: 1 processed, 19 reused") for m in messages), (stage, messages)
+    told = _messages(served, triggered["id"], expect="settings from ")
+    assert any(m.startswith("settings from the likeness.dataset.changed event of the dataset watcher") for m in told), told
     assert len(_pipeline_runs(served)) == runs_before + 1  # exactly one run
     # training and evaluation of the new dataset are the pipeline's own tests: stop here to save minutes
     served.api.post(f"/flow_runs/{triggered['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})

@@ -37,7 +37,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from likeness.content import HashIndex, digest_parts, file_digest
 from likeness.files import atomic_path, write_atomic
 from likeness.settings import SelectionSettings
-from likeness.stages import Counts, StageResult
+from likeness.stages import Counts, StageResult, rerun_hint
 from likeness.tasks.common import StagePolicy
 from likeness.tasks.evaluate.grid import EvaluationError, eval_table, evaluation_dir, read_eval_table, write_eval_table
 from likeness.workspace import Workspace
@@ -270,7 +270,7 @@ def scores_table(ws: Workspace) -> StageResult:
     """The scores `likeness evaluate` wrote; a clear error naming that command when there are none."""
     path = eval_table(ws, "scores")
     if not path.is_file():
-        raise EvaluationError(f"no evaluation scores in {path}: run `likeness evaluate --profile <profile>` first "
+        raise EvaluationError(f"no evaluation scores in {path}: run `{rerun_hint('evaluate')}` first "
                               "(it generates the grids and scores every checkpoint)")
     return StageResult("scores", path, file_digest(path), 0, 0)
 
@@ -299,6 +299,13 @@ def select_stage(scores: StageResult, selection: SelectionSettings, destination:
     return result
 
 
+def as_text(table: list[Row]) -> list[Row]:
+    """Table cells the UI renders as text: it reads cells as markdown, where a lone "-" is a bullet."""
+    def cell(value: Any) -> Any:
+        return "\\" + value if isinstance(value, str) and value.strip() in ("-", "*", "+") else value
+    return [{key: cell(value) for key, value in row.items()} for row in table]
+
+
 # --- Prefect task ----------------------------------------------------------------------------
 
 
@@ -311,7 +318,7 @@ def select_checkpoint(scores: StageResult, selection: SelectionSettings, destina
     inline = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode("ascii")
     create_markdown_artifact(extra["markdown"].replace(f"]({plot.name})", f"]({inline})"), key="selection",
                              description=extra["reason"])
-    create_table_artifact(extra["table"], key="selection-table", description="Scores and guards per checkpoint")
+    create_table_artifact(as_text(extra["table"]), key="selection-table", description="Scores and guards per checkpoint")
     logger = get_run_logger()
     for warning in extra["warnings"]:
         logger.warning(warning)
