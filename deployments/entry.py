@@ -26,7 +26,7 @@ from likeness.settings import Settings
 from likeness.stages import run_profile
 from likeness.tasks.watch import DATASET_CHANGED, fingerprint_concepts, record_trained
 
-StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+StageName = Literal["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 LIBRARY_LOGGERS = ("diffusers", "transformers")
 
 # Stage flows by name: (module, flow function). Those whose module is not there yet are skipped.

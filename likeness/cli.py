@@ -114,7 +114,7 @@ def run(profile: ProfileOption = "sdxl-person", set_: SetOption = None) -> None:
     typer.echo(_run_prepare(profile, lambda: pipeline(settings)).summary())
 
 
-StageArgument = Annotated[str, typer.Argument(help="scan, resize, masks, captions, balance, manifest or latents.")]
+StageArgument = Annotated[str, typer.Argument(help="generate, scan, resize, masks, captions, balance, manifest or latents.")]
 
 
 @app.command()
