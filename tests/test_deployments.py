@@ -165,6 +165,22 @@ def test_pipeline_run_from_the_api_logs_every_stage(served, pipeline_run):
 
 
 @pytest.mark.slow
+def test_the_demo_generates_class_images_and_evaluates_during_training_cached_on_a_rerun(served, pipeline_run):
+    """Issue 14 on the demo profile: 4 regularization images from the base model, one in-training
+    evaluation (epoch 4); a second run reuses both (Cached)."""
+    messages = [log["message"] for log in served.logs([r["id"] for r in served.run_tree(pipeline_run["id"])])]
+    assert any(m.startswith("generate: 4 processed, 0 reused") for m in messages), messages
+    assert any(m.startswith("evaluation at epoch 4:") and "clip_t" in m for m in messages)
+    response = served.create_run("likeness-pipeline/pipeline")
+    assert response.status_code == 201, response.text
+    rerun = served.wait(response.json()["id"], timeout=600)
+    assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+    tasks = served.task_runs([r["id"] for r in served.run_tree(rerun["id"])])
+    states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in tasks}
+    assert states["generate-regularization"] == "Cached" and states["train-model"] == "Cached", states
+
+
+@pytest.mark.slow
 def test_server_refuses_invalid_parameters_naming_the_field(served):
     for parameters, field in [({"settings": {"training": {"epochs": 0}}}, "settings.training.epochs"),
                               ({"settings": {"resize": {"resolution": 100}}}, "settings.resize.resolution"),
