@@ -96,7 +96,7 @@ def test_settings_parameter_is_a_form_with_descriptions_bounds_and_choices():
     assert "one per CPU core" in defs["RunSettings"]["properties"]["workers"]["description"]
     assert defs["OptimizerSettings"]["properties"]["name"]["enum"] == ["ADAFACTOR", "ADAMW"]
     stage = parameter_schema(entry.run_stage).model_dump_for_openapi()["properties"]["stage"]
-    assert stage["enum"] == ["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+    assert stage["enum"] == ["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 
 
 def test_resolve_settings_profile_form_and_overrides(tmp_path):
