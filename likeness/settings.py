@@ -120,10 +120,10 @@ class ClassGeneration(Section):
     """How a regularization concept's `generate` images are made with the base model (prior preservation)."""
 
     prompt: str | None = Field(None, min_length=1, description="The class prompt, e.g. 'photo of a man'; default: the concept's caption text.")
-    negative_prompt: str = ""
-    steps: int = Field(30, ge=1, le=500)
-    cfg_scale: float = Field(7.0, ge=0)
-    sampler: SamplerName = "DPMPP_SDE_KARRAS"
+    negative_prompt: str = Field("", description="What the class images should not show, e.g. 'blurry, cartoon'.")
+    steps: int = Field(30, ge=1, le=500, description="Sampling steps per class image.")
+    cfg_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    sampler: SamplerName = Field("DPMPP_SDE_KARRAS", description="Sampler (OneTrainer's or A1111's names).")
     seed: int = Field(0, description="Image i uses seed + i.")
 
 
