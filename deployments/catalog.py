@@ -104,6 +104,7 @@ DEPLOYMENTS = (
     DeploymentSpec("train", "run_train", "train", "gpu"),
     DeploymentSpec("evaluate", "run_evaluate", "evaluate", "cpu"),
     DeploymentSpec("select", "run_select", "select", "cpu"),
+    DeploymentSpec("compare-faces", "run_compare_faces", "compare-faces", "cpu"),
     DeploymentSpec("watch", "run_watch", "watch", "cpu"),
 )
 

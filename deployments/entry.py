@@ -26,7 +26,7 @@ from likeness.settings import Settings
 from likeness.stages import run_profile
 from likeness.tasks.watch import DATASET_CHANGED, fingerprint_concepts, record_trained
 
-StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+StageName = Literal["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 LIBRARY_LOGGERS = ("diffusers", "transformers")
 
 # Stage flows by name: (module, flow function). Those whose module is not there yet are skipped.
@@ -35,6 +35,7 @@ STAGE_FLOWS = {
     "train": ("likeness.flows.train", "train"),
     "evaluate": ("likeness.flows.evaluate", "evaluate"),
     "select": ("likeness.flows.evaluate", "select"),
+    "compare-faces": ("likeness.flows.evaluate", "compare_faces"),
     "pipeline": ("likeness.flows.pipeline", "pipeline"),
     "watch": ("likeness.flows.watch", "watch_dataset"),
 }
@@ -256,6 +257,22 @@ def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParamet
     resolved = _start(profile, settings, overrides)
     with run_profile(profile):
         stage_flow("select")(resolved)
+
+
+@flow(name="likeness-compare-faces", log_prints=True)
+def run_compare_faces(reference: str, images: list[str], output: str | None = None, profile: str | None = "demo-cpu",
+                      settings: Settings | None = None, overrides: list[str] | None = None) -> None:
+    """Score any images against the person's photos by face identity: a table and a contact sheet.
+
+    Args:
+        reference: The folder of the person's photos.
+        images: Image files or folders to score (our samples, A1111 or ComfyUI outputs).
+        output: Where faces.csv and faces.jpg go; default: the workspace's faces folder.
+        profile: A profile name or TOML path (for the face model settings and the workspace).
+        settings: Every setting, as a form; when given, the profile is ignored.
+        overrides: `key=value` changes on top.
+    """
+    stage_flow("compare-faces")(_start(profile, settings, overrides), reference, images, output)
 
 
 @flow(name="likeness-watch", log_prints=True)

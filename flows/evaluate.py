@@ -14,12 +14,14 @@ is all `Cached`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from prefect import flow
 
 from likeness.settings import Settings
 from likeness.stages import StageResult
 from likeness.tasks.common import run_stage
+from likeness.tasks.compare_faces import FaceComparison, compare_faces_task
 from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, generate_grid
 from likeness.tasks.evaluate.scores import score_checkpoints
 from likeness.tasks.evaluate.select import scores_table, select_checkpoint
@@ -37,6 +39,17 @@ def evaluate(settings: Settings, checkpoints: list[str] | None = None) -> dict[s
     grid = run_stage(generate_grid, settings, ws, checkpoints=paths, settings=settings)
     scores = run_stage(score_checkpoints, settings, ws, grid=grid, settings=settings)
     return {"grid": grid, "scores": scores}
+
+
+@flow(name="compare-faces", log_prints=True)
+def compare_faces(settings: Settings, reference: str, images: list[str], output: str | None = None) -> FaceComparison:
+    """Face identity of any images (ours, A1111's, ComfyUI's) against the person's photos in `reference`:
+    a table and a contact sheet with the face boxes, in `output` (default: workspace/faces)."""
+    e = settings.evaluation
+    folder = Path(output) if output else Workspace.from_settings(settings).root / "faces"
+    return compare_faces_task(Path(reference), [Path(i) for i in images], folder,
+                              None if e.face_detector is None else str(e.face_detector),
+                              None if e.face_recognizer is None else str(e.face_recognizer), e.face_score_threshold)
 
 
 @flow(name="select", log_prints=True)

@@ -22,6 +22,7 @@ from likeness.stages import PREVIOUS, StageResult, upstream
 from likeness.tasks.balance import balance_concepts
 from likeness.tasks.captions import write_captions
 from likeness.tasks.common import run_stage, workers
+from likeness.tasks.generate import generate_regularization
 from likeness.tasks.latents import cache_latents
 from likeness.tasks.manifest import write_manifest
 from likeness.tasks.masks import compute_masks
@@ -29,7 +30,11 @@ from likeness.tasks.resize import resize_images
 from likeness.tasks.scan import scan_images
 from likeness.workspace import Workspace
 
-StageName = Literal["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+StageName = Literal["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+
+
+def generate(s: Settings, ws: Workspace) -> StageResult:
+    return run_stage(generate_regularization, s, ws, settings=s)
 
 
 def scan(s: Settings, ws: Workspace) -> StageResult:
@@ -63,15 +68,17 @@ def latents(s: Settings, ws: Workspace, manifest: StageResult) -> StageResult:
     return run_stage(cache_latents, s, ws, manifest=manifest, settings=s, device=s.run.device)
 
 
-STAGES = {"scan": scan, "resize": resize, "masks": masks, "captions": captions, "balance": balance,
+STAGES = {"generate": generate, "scan": scan, "resize": resize, "masks": masks, "captions": captions, "balance": balance,
           "manifest": manifest, "latents": latents}
 
 
 @flow(name="prepare", log_prints=True)
 def prepare(settings: Settings) -> dict[str, StageResult]:
-    """Scan, resize, mask, caption, balance, write the manifest and cache the latents."""
+    """Generate regularization images, scan, resize, mask, caption, balance, write the manifest and cache the latents."""
     ws = Workspace.from_settings(settings)
     done: dict[str, StageResult] = {}
+    if any(c.enabled and c.generate for c in settings.concepts):  # class images from the base model, for the scan
+        done["generate"] = generate(settings, ws)
     done["scan"] = scan(settings, ws)  # errors in the dataset stop the flow here, before heavy work
     done["resize"] = resize(settings, ws, done["scan"])
     done["masks"] = masks(settings, ws, done["resize"])

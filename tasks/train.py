@@ -1,6 +1,8 @@
 """Prefect tasks of the training stage (the work: trainer/loop.py): `train_model` on the GPU slot,
 and `publish_training_report`, the artifacts `loss-curve` (markdown, the PNG inline) and
-`loss-table` (the loss every few steps).
+`loss-table` (the loss every few steps). With `evaluation.during_training` on, the table
+artifact `evaluation-during-training` holds one row per in-training evaluation, updated in place
+as the run goes (`EvaluationArtifactSink`).
 
 The cache key is the content training reads (manifest, latent cache index, base model) and the
 training settings (`loop.train_key`): a re-run with nothing changed is `Cached` and loads no model.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -25,11 +29,45 @@ from likeness.workspace import Workspace
 TABLE_ROWS = 200  # the table artifact shows at most about this many steps
 
 
+class EvaluationArtifactSink:
+    """A metrics sink: each in-training evaluation (the `eval/...` scalars) becomes a row of one table
+    artifact, created at the first evaluation and then updated in place."""
+
+    key = "evaluation-during-training"
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.artifact_id = None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        evaluation = {name[5:]: round(value, 5) for name, value in values.items() if name.startswith("eval/")}
+        if not evaluation:
+            return
+        self.rows.append({"step": step, **evaluation})
+        if self.artifact_id is None:
+            self.artifact_id = create_table_artifact(self.rows, key=self.key,
+                                                     description="Face identity and prompt fidelity during training")
+            return
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+
+        with get_client(sync_client=True) as client:
+            client.update_artifact(self.artifact_id, ArtifactUpdate(data=json.dumps(self.rows)))
+
+    def image(self, step: int, tag: str, image: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @task(name="train-model", tags=["gpu"], cache_policy=StagePolicy(key_fn=train_key))
 def train_model(settings: Settings, ws: Workspace) -> TrainResult:
     """Fine-tune the base model on the prepared dataset: samples, checkpoints, backups, loss reports."""
     backup = latest_backup(ws.backups, training_fingerprint(settings, ws))  # TensorBoard drops steps after it
     sinks = sinks_from_settings(settings, ws, start_step=backup.step + 1 if backup else None)
+    if settings.evaluation.during_training.enabled:
+        sinks = [*sinks, EvaluationArtifactSink()]
     result = train(settings, log=get_run_logger().info, sinks=sinks)
     get_run_logger().info(result.summary())
     return result

@@ -96,7 +96,7 @@ def test_settings_parameter_is_a_form_with_descriptions_bounds_and_choices():
     assert "one per CPU core" in defs["RunSettings"]["properties"]["workers"]["description"]
     assert defs["OptimizerSettings"]["properties"]["name"]["enum"] == ["ADAFACTOR", "ADAMW"]
     stage = parameter_schema(entry.run_stage).model_dump_for_openapi()["properties"]["stage"]
-    assert stage["enum"] == ["scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
+    assert stage["enum"] == ["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
 
 
 def test_resolve_settings_profile_form_and_overrides(tmp_path):
@@ -162,6 +162,22 @@ def test_pipeline_run_from_the_api_logs_every_stage(served, pipeline_run):
     assert any(m.startswith("masks: ") and "processed" in m for m in messages)
     flows = {r["name"] for r in tree}
     assert len(flows) >= 2  # the entry flow and its stage subflows
+
+
+@pytest.mark.slow
+def test_the_demo_generates_class_images_and_evaluates_during_training_cached_on_a_rerun(served, pipeline_run):
+    """Issue 14 on the demo profile: 4 regularization images from the base model, one in-training
+    evaluation (epoch 4); a second run reuses both (Cached)."""
+    messages = [log["message"] for log in served.logs([r["id"] for r in served.run_tree(pipeline_run["id"])])]
+    assert any(m.startswith("generate: 4 processed, 0 reused") for m in messages), messages
+    assert any(m.startswith("evaluation at epoch 4:") and "clip_t" in m for m in messages)
+    response = served.create_run("likeness-pipeline/pipeline")
+    assert response.status_code == 201, response.text
+    rerun = served.wait(response.json()["id"], timeout=600)
+    assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+    tasks = served.task_runs([r["id"] for r in served.run_tree(rerun["id"])])
+    states = {t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in tasks}
+    assert states["generate-regularization"] == "Cached" and states["train-model"] == "Cached", states
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ from likeness.trainer.distributed import (
     Processes, average_gradients, digests_agree, mean_over_processes, start_processes,
 )
 from likeness.trainer.ema import EMA
+from likeness.trainer.evaluation import InTrainingEvaluator, scalars as evaluation_scalars
 from likeness.trainer.intervals import Interval
 from likeness.trainer.nonfinite import NonFiniteGuard, RollBack, all_finite, likely_causes
 from likeness.trainer.loss import diffusion_losses
@@ -78,9 +79,12 @@ class TrainResult:
     loss_curve: Path
     resumed_from: Path | None = None
     samples: list[Path] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # in-training evaluations (trainer/evaluation.py)
+    stopped_early: str | None = None  # why early stop ended the run before training.epochs
 
     def summary(self) -> str:
         resumed = f", resumed from {self.resumed_from.name}" if self.resumed_from else ""
+        resumed += f", stopped early ({self.stopped_early})" if self.stopped_early else ""
         return (f"train: {self.steps} steps, {self.epochs} epochs{resumed}; {len(self.checkpoints)} checkpoint(s), "
                 f"final {self.final_checkpoint}")
 
@@ -110,6 +114,9 @@ def training_fingerprint(settings: Settings, ws: Workspace) -> str:
 def train_key(settings: Settings, ws: Workspace) -> str:
     """Cache key of the whole training stage: the fingerprint plus what decides the outputs written."""
     outputs = settings.model_dump(mode="json", include={"sampling", "saving"})
+    if settings.evaluation.during_training.enabled:  # evaluations and early stop change what is written
+        outputs["evaluation"] = settings.evaluation.model_dump(mode="json", exclude={"selection"})
+        outputs["fidelity_tolerance"] = settings.evaluation.selection.fidelity_tolerance
     return digest_parts("train-stage", training_fingerprint(settings, ws), outputs, str(ws.root))
 
 
@@ -171,6 +178,8 @@ class Trainer:
         self.fingerprint = training_fingerprint(settings, self.ws) if procs.main else ""
         self.saved: list[SavedCheckpoint] = []
         self.samples: list[Path] = []
+        during = settings.evaluation.during_training.enabled
+        self.evaluator = InTrainingEvaluator(settings, self.ws, procs.device) if during and procs.main else None
         s = settings
         self.sample_timer = Interval(s.sampling.every, s.sampling.unit)
         self.save_timer = Interval(s.saving.every, s.saving.unit, s.saving.skip_first)
@@ -215,6 +224,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(objects["ema"])
         self.step, self.losses = backup.step, LossLog(objects["losses"])
+        if self.evaluator is not None:  # the evaluation history goes on where the backup left it
+            self.evaluator.history = list(objects.get("evaluations") or [])
         restore_rng(objects["rng"])
         self.log(f"resumed from {backup.path} (step {self.step}, epoch {self.epoch})")
         return backup.path
@@ -224,7 +235,8 @@ class Trainer:
             weights = {part: getattr(self.pipe, part).state_dict() for part in self.trained}
             objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
-                       "ema": self.ema.state_dict() if self.ema is not None else None}
+                       "ema": self.ema.state_dict() if self.ema is not None else None,
+                       "evaluations": self.evaluator.history if self.evaluator is not None else []}
             path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,
                                objects=objects, progress={"epoch": self.epoch, "step": self.step},
                                keep=self.settings.backups.rolling_count)
@@ -364,6 +376,26 @@ class Trainer:
             self.log(f"saved {path}")
         self.procs.barrier()
 
+    def evaluate(self, epoch: int, saved: bool) -> str | None:
+        """The in-training evaluation when due (process 0), logged to the loss table and the sinks;
+        returns why early stop ends the run now (None: go on), the same on every process."""
+        reason = None
+        if self.evaluator is not None and self.evaluator.due(epoch, saved):
+            with self.averaged(), self.autocast():
+                row = self.evaluator.evaluate(self.pipe, self.step, epoch)
+            values = evaluation_scalars(row)
+            if epoch > 0 and self.losses.rows:
+                self.losses.rows[-1].update({name.replace("/", "_"): value for name, value in values.items()})
+            for sink in self.sinks:
+                sink.scalars(self.step, values)
+            self.log(f"evaluation at epoch {epoch}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
+            reason = self.evaluator.stop_reason()
+        if self.procs.world_size > 1:
+            shared = [reason]
+            dist.broadcast_object_list(shared, src=0)
+            reason = shared[0]
+        return reason
+
     def reports(self) -> tuple[Path, Path]:
         table, curve = self.ws.report(LOSS_TABLE), self.ws.report(LOSS_CURVE)
         if self.procs.main:
@@ -417,7 +449,11 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
           f" ({procs.world_size} process(es)); {len(t.data.rows)} images")
     if resumed is None and settings.sampling.at_start and settings.sampling.unit != "NEVER":
         t.sample(0)
+    during = settings.evaluation.during_training
+    if during.enabled and during.at_start and t.epoch == 0:  # the base model's scores: the reference
+        t.evaluate(0, saved=True)
     progress = ProgressLine(t.log, t.total_steps, epochs, procs.device, first_step=t.step)
+    stopped = None
     while t.epoch < epochs:
         try:
             backup_due = train_epoch(t, progress)
@@ -436,17 +472,23 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
         progress.update(t.step, done, t.losses.rows[-1]["loss"] if t.losses.rows else float("nan"), force=True)
         if t.sample_timer.after_epoch(done):
             t.sample(done)
-        if done < epochs and t.save_timer.after_epoch(done):
+        saved = done < epochs and t.save_timer.after_epoch(done)
+        if saved:
             t.save(done, at_epoch_end=True)
+        if during.enabled and (stopped := t.evaluate(done, saved or done == epochs)):
+            t.log(f"early stop after epoch {done} of {epochs}: {stopped}")
+            break
         if done < epochs and (t.backup_timer.after_epoch(done) or backup_due):
             t.backup()
-    final = save_final(t)
+    final = save_final(t, t.epoch if stopped else epochs)
     if procs.world_size > 1:  # the same model everywhere, or a loud error
         t.log(f"weights identical on all {procs.world_size} processes (sha256 {digests_agree(t.all_params, procs)[:16]})")
     table, curve = t.reports()
     for sink in t.sinks:
         sink.close()
-    return TrainResult(t.saved, final, t.step, epochs, table, curve, resumed, t.samples)
+    history = t.evaluator.history if t.evaluator is not None else []
+    return TrainResult(t.saved, final, t.step, t.epoch if stopped else epochs, table, curve, resumed, t.samples,
+                       history, stopped)
 
 
 def rebuilt_from_last_backup(settings: Settings, procs: Processes, carried: tuple[list, list, list],
@@ -470,12 +512,13 @@ def rebuilt_from_last_backup(settings: Settings, procs: Processes, carried: tupl
     return fresh
 
 
-def save_final(t: Trainer) -> Path:
-    """The checkpoint of the last epoch (always written, also when a timer saved it just before)."""
-    s = t.settings.saving
-    path = t.ws.checkpoints / checkpoint_filename(s.prefix, t.settings.training.epochs, s.format)
+def save_final(t: Trainer, epoch: int | None = None) -> Path:
+    """The checkpoint of the last epoch, or of `epoch` after an early stop (always written, also when
+    a timer saved it just before)."""
+    s, epoch = t.settings.saving, t.settings.training.epochs if epoch is None else epoch
+    path = t.ws.checkpoints / checkpoint_filename(s.prefix, epoch, s.format)
     if not any(c.path == path for c in t.saved):
-        t.save(t.settings.training.epochs, at_epoch_end=True)
+        t.save(epoch, at_epoch_end=True)
     return path
 
 

@@ -3,6 +3,10 @@
 - dino, clip_i (likeness): mean pairwise cosine similarity of the column's generated images and
   the subject's training photos (manifest rows of subject concepts, no validation concepts),
   both as head crops when `evaluation.head_crops` (see `likeness/models/embeddings.py`);
+- face_identity (who it is): the mean cosine similarity of each generated image's face with the
+  faces of the training photos (YuNet + SFace, `likeness/models/faces.py`), over the images where a
+  face was found, with face_no_face (the share of images without one) and the spread
+  (face_identity_std, _min, _max);
 - clip_t (prompt fidelity): CLIP similarity of each whole generated image with its prompt;
 - class_prior_loss, validation_loss: measured by the grid stage with the loaded weights.
 Metrics not in `evaluation.metrics` are None. Each (checkpoint, metric) value is a record keyed by
@@ -17,6 +21,7 @@ Writes `evaluation/scores.json` (the table `likeness select` reads) and `evaluat
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +43,7 @@ from likeness.models.embeddings import (
     mean_paired_similarity,
     mean_pairwise_similarity,
 )
+from likeness.models.faces import SUMMARY_KEYS, load_face_models, open_photo, reference_embeddings, score_identity
 from likeness.models.prompt_weights import plain_text
 from likeness.settings import Settings
 from likeness.stages import Counts, ItemRecords, Row, StageResult
@@ -53,7 +59,7 @@ from likeness.tasks.evaluate.select import METRICS, likeness
 from likeness.tasks.masks import item_settings
 from likeness.workspace import Workspace
 
-SCORES_VERSION = 2  # 2: CLIP-T reads plain_text(prompt)
+SCORES_VERSION = 3  # 2: CLIP-T reads plain_text(prompt); 3: face identity
 IMAGE_METRICS = {"dino": "dino", "clip_i": "clip", "clip_t": "clip"}  # metric -> embedder kind
 
 
@@ -73,9 +79,17 @@ def scores_key(grid: StageResult, settings: Settings, ws: Workspace) -> str:
     models = {kind: model_fingerprint(_model_name(settings, kind), index) for kind in ("dino", "clip")}
     crops = crop_settings(settings, index)
     manifest = index.digest(ws.manifest) if ws.manifest.is_file() else None
+    faces = face_settings(settings, index) if "face_identity" in settings.evaluation.metrics else None
     index.save()
     return digest_parts("scores", SCORES_VERSION, grid.table_digest, sorted(settings.evaluation.metrics), models, crops,
-                        manifest, str(ws.root))
+                        manifest, faces, str(ws.root))
+
+
+def face_settings(settings: Settings, index: HashIndex) -> Any:
+    """What changes a face identity: the two model files' content and the detection threshold."""
+    e = settings.evaluation
+    models = load_face_models(e.face_detector, e.face_recognizer, e.face_score_threshold)
+    return [index.digest(path) for path in models.files], e.face_score_threshold
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -114,6 +128,20 @@ class Inputs:
         self.references = cache(lambda kind: embed_images(self.embedder(kind), self._photos()))
         self._photos = cache(lambda: [reference_crop(r, settings.evaluation.head_crops) for r in reference_rows(ws)])
         self._clipseg = cache(self._load_clipseg)
+        e = settings.evaluation
+        self.faces = cache(lambda: load_face_models(e.face_detector, e.face_recognizer, e.face_score_threshold))
+        self.face_references = cache(self._face_references)
+
+    def _face_references(self) -> np.ndarray:
+        """The faces of the subject's original photos (larger than the prepared ones), one per photo that has one."""
+        rows = reference_rows(self.ws)
+        photos = [open_photo(r["source_path"] if Path(r["source_path"]).is_file() else r["prepared_path"]) for r in rows]
+        found = reference_embeddings(self.faces(), photos)
+        if not len(found):
+            raise EvaluationError(f"face_identity: no face found in any of the {len(rows)} subject photos of "
+                                  f"{self.ws.manifest}; use photos where the face is visible, or drop face_identity "
+                                  "from evaluation.metrics")
+        return found
 
     def _load_clipseg(self) -> tuple:
         from likeness.tasks.masks import load_model
@@ -141,19 +169,41 @@ def measure(metric: str, inputs: Inputs, images: list[Row]) -> float:
                                     inputs.references(IMAGE_METRICS[metric]))
 
 
+def measure_faces(inputs: Inputs, images: list[Row]) -> dict[str, float | None]:
+    """Face identity of one column's images: mean, share without a face, spread."""
+    pictures = [Image.open(r["image"]).convert("RGB") for r in images]
+    return score_identity(inputs.faces(), pictures, inputs.face_references()).summary()
+
+
+def _face_values(inputs: Inputs, images: list[Row], records: ItemRecords, photos: str, faces: Any,
+                 counts: Counts) -> dict[str, float | None]:
+    key = digest_parts("score", SCORES_VERSION, "face_identity", [r["image_hash"] for r in images], photos, faces)
+    record = records.get(key)
+    if record is None:
+        record = {"value": measure_faces(inputs, images), "outputs": {}}
+        records.put(key, record)
+        counts.processed += 1
+    else:
+        counts.reused += 1
+    return record["value"]
+
+
 def scores_stage(grid: StageResult, settings: Settings, ws: Workspace, index: HashIndex) -> StageResult:
     """A row of scores per column of the grid; writes evaluation/scores.json and scores.csv."""
     table = read_eval_table(grid)
     enabled = [m for m in METRICS if m in settings.evaluation.metrics]
     image_metrics = [m for m in enabled if m in IMAGE_METRICS]
     inputs, records = Inputs(settings, ws), ItemRecords(evaluation_dir(ws) / "records" / "scores", index)
-    photos = _photo_digest(ws, index) if {"dino", "clip_i"} & set(image_metrics) else None
+    photos = _photo_digest(ws, index) if {"dino", "clip_i", "face_identity"} & set(enabled) else None
+    faces = face_settings(settings, index) if "face_identity" in enabled else None
     crops = crop_settings(settings, index)
     counts, rows = Counts(), []
     for column in table["extra"]["candidates"]:
         images = sorted((r for r in table["rows"] if r["checkpoint"] == column["name"]),
                         key=lambda r: (r["prompt_index"], r["seed"]))
-        values: dict[str, float | None] = {m: None for m in METRICS}
+        values: dict[str, float | None] = {m: None for m in (*METRICS, *SUMMARY_KEYS)}
+        if faces is not None:
+            values.update(_face_values(inputs, images, records, photos, faces, counts))
         for metric in image_metrics:
             model = model_fingerprint(_model_name(settings, IMAGE_METRICS[metric]), index)
             key = digest_parts("score", SCORES_VERSION, metric, [(r["image_hash"], r["prompt"]) for r in images],
@@ -181,7 +231,8 @@ def scores_stage(grid: StageResult, settings: Settings, ws: Workspace, index: Ha
 
 
 def _photo_digest(ws: Workspace, index: HashIndex) -> str:
-    return digest_parts([(r["id"], r["prepared_hash"], _text(r.get("mask_hash"))) for r in reference_rows(ws)])
+    return digest_parts([(r["id"], r["source_hash"], r["prepared_hash"], _text(r.get("mask_hash")))
+                         for r in reference_rows(ws)])
 
 
 def _text(value: Any) -> str | None:

@@ -1,10 +1,15 @@
 """Evaluation, stage "select": pick one checkpoint from the score table, say why, and copy it out.
 
 Rules (`evaluation.selection.rule`):
-- likeness (default): the highest likeness (mean of the enabled likeness metrics, dino and
-  clip_i) among the checkpoints that pass both guards:
+- likeness (default): the highest face identity among the checkpoints that pass the guards; the
+  checkpoints within `identity_margin` of that best identity are ranked by likeness (the mean of
+  the enabled DINO and CLIP-I, the secondary metrics). Without a face identity (not measured, or
+  no face in any image) likeness alone ranks, with a warning. Guards:
   prompt fidelity   clip_t >= base clip_t - fidelity_tolerance        (absolute)
   class prior       class_prior_loss <= base loss x (1 + class_prior_tolerance)  (relative)
+  faces             face_no_face <= max_no_face, while some checkpoint meets it: a checkpoint
+                    whose images mostly show no face never wins, not even when no checkpoint
+                    passes the other guards
   A guard whose metric was not measured (or not for the base model) passes everything.
 - validation_loss: the lowest validation loss among the checkpoints that pass the guards;
 - weighted: the highest sum of weight x metric (losses subtracted) among those that pass;
@@ -42,10 +47,10 @@ from likeness.tasks.common import StagePolicy
 from likeness.tasks.evaluate.grid import EvaluationError, eval_table, evaluation_dir, read_eval_table, write_eval_table
 from likeness.workspace import Workspace
 
-METRICS = ("dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss")
+METRICS = ("face_identity", "dino", "clip_i", "clip_t", "class_prior_loss", "validation_loss")
 LIKENESS_METRICS = ("dino", "clip_i")
 LOSS_METRICS = ("class_prior_loss", "validation_loss")
-SELECT_VERSION = 1
+SELECT_VERSION = 2  # 2: face identity first
 EPS = 1e-9  # a value exactly at a tolerance passes, whatever the float rounding
 
 Row = dict[str, Any]
@@ -70,8 +75,16 @@ class Choice:
     warnings: list[str] = field(default_factory=list)
 
 
+def face_failure(row: Row, selection: SelectionSettings) -> str | None:
+    """Why `row` fails the face guard (most of its images show no face), or None."""
+    share = row.get("face_no_face")
+    if share is not None and share > selection.max_no_face + EPS:
+        return f"no face in {share:.0%} of its images (> {selection.max_no_face:.0%})"
+    return None
+
+
 def guard_failures(row: Row, base: Row | None, selection: SelectionSettings) -> list[str]:
-    """Why `row` fails the guards against the base model (empty: it passes)."""
+    """Why `row` fails the prompt-fidelity and class-prior guards against the base model (empty: it passes)."""
     if base is None:
         return []
     failures = []
@@ -93,7 +106,8 @@ def guard_failures(row: Row, base: Row | None, selection: SelectionSettings) -> 
 def rule_score(row: Row, selection: SelectionSettings) -> float:
     """Higher is better; raises SelectionError when a metric the rule needs was not measured."""
     if selection.rule == "likeness":
-        return _needed(row, "likeness", selection, "enable dino or clip_i in evaluation.metrics, or pick another rule")
+        return _needed(row, "likeness", selection, "enable face_identity, dino or clip_i in evaluation.metrics, or "
+                       "pick another rule")
     if selection.rule == "validation_loss":
         return -_needed(row, "validation_loss", selection, "add a concept with validation = true and keep "
                         "validation_loss in evaluation.metrics, or pick another rule")
@@ -123,9 +137,21 @@ def choose(rows: Sequence[Row], selection: SelectionSettings) -> Choice:
     if selection.rule == "epoch":
         return _by_epoch(checkpoints, selection.epoch)
     failures = {r["checkpoint"]: guard_failures(r, base, selection) for r in checkpoints}
+    warnings = []
+    faces = {r["checkpoint"]: face_failure(r, selection) for r in checkpoints}
+    with_faces = [r for r in checkpoints if faces[r["checkpoint"]] is None]
+    if with_faces:  # the face guard counts only when some checkpoint shows faces
+        for row in checkpoints:
+            if faces[row["checkpoint"]]:
+                failures[row["checkpoint"]].append(faces[row["checkpoint"]])
+    elif any(r.get("face_no_face") is not None for r in checkpoints):
+        warnings.append(f"no checkpoint shows a face in at least {1 - selection.max_no_face:.0%} of its images: "
+                        "face identity cannot decide, DINO / CLIP-I rank alone; check the grid")
     passed = [r for r in checkpoints if not failures[r["checkpoint"]]]
-    best = _best(passed or checkpoints, selection)
-    warnings = [] if passed else [
+    best = _best(passed or with_faces or checkpoints, selection)
+    if selection.rule == "likeness" and best.get("face_identity") is None and "face_identity" in best:
+        warnings.append(f"{_label(best)} was ranked by DINO / CLIP-I alone: no face identity was measured")
+    warnings += [] if passed else [
         f"no checkpoint passed the guards (prompt fidelity within {selection.fidelity_tolerance:g} of the base model, "
         f"class-prior loss within {selection.class_prior_tolerance:.0%} of it): {_label(best)} is the best by "
         f"rule {selection.rule!r} among all checkpoints; check the grid, the model may be overtrained"]
@@ -133,12 +159,26 @@ def choose(rows: Sequence[Row], selection: SelectionSettings) -> Choice:
 
 
 def _best(pool: Sequence[Row], selection: SelectionSettings) -> Row:
+    if selection.rule == "likeness":
+        return _best_likeness(pool, selection)
     best, best_score = pool[0], rule_score(pool[0], selection)
     for row in pool[1:]:
         score = rule_score(row, selection)
         if score > best_score:  # strictly better: a tie keeps the earlier checkpoint
             best, best_score = row, score
     return best
+
+
+def _best_likeness(pool: Sequence[Row], selection: SelectionSettings) -> Row:
+    """Face identity first; within identity_margin of the best, likeness (DINO / CLIP-I) decides."""
+    identified = [r for r in pool if r.get("face_identity") is not None]
+    if not identified:
+        return max(pool, key=lambda r: rule_score(r, selection))  # max keeps the first (earliest) of ties
+    top = max(r["face_identity"] for r in identified)
+    close = [r for r in identified if r["face_identity"] >= top - selection.identity_margin - EPS]
+    if selection.identity_margin == 0 or any(r.get("likeness") is None for r in close):
+        return max(close, key=lambda r: r["face_identity"])
+    return max(close, key=lambda r: r["likeness"])
 
 
 def _by_epoch(checkpoints: Sequence[Row], epoch: int | None) -> Choice:
@@ -153,13 +193,22 @@ def _label(row: Row) -> str:
     return f"{row['checkpoint']} (epoch {row['epoch']})"
 
 
+def _likeness_reason(row: Row, selection: SelectionSettings) -> str:
+    if row.get("face_identity") is None:
+        return f"the highest likeness ({row.get('likeness') or 0:.4f}, DINO / CLIP-I; no face identity)"
+    if selection.identity_margin and row.get("likeness") is not None:
+        return (f"the highest DINO / CLIP-I likeness ({row['likeness']:.4f}) among those within "
+                f"{selection.identity_margin:g} of the best face identity (its own: {row['face_identity']:.4f})")
+    return f"the highest face identity ({row['face_identity']:.4f})"
+
+
 def _reason(row: Row, selection: SelectionSettings, passed: int, total: int) -> str:
-    what = {"likeness": f"the highest likeness ({row.get('likeness') or 0:.4f})",
+    what = {"likeness": _likeness_reason(row, selection),
             "validation_loss": f"the lowest validation loss ({row.get('validation_loss') or 0:.4f})",
             "weighted": f"the highest weighted score ({rule_score(row, selection):.4f})"}[selection.rule]
     if passed == 0:
         return (f"{_label(row)} has {what} of all {total} checkpoints, none of which kept prompt fidelity and "
-                "class-prior loss within the tolerances.")
+                "class-prior loss within the tolerances (or showed faces in most images).")
     return (f"{_label(row)} has {what} of the {passed} of {total} checkpoints whose prompt fidelity stays within "
             f"{selection.fidelity_tolerance:g} of the base model's and whose class-prior loss stays within "
             f"{selection.class_prior_tolerance:.0%} of it.")
@@ -197,6 +246,10 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def score_table(rows: Sequence[Row], choice: Choice) -> list[Row]:
     """The rows as the report and the Prefect table artifact show them."""
     shown = []
@@ -204,8 +257,12 @@ def score_table(rows: Sequence[Row], choice: Choice) -> list[Row]:
         verdict = "base model" if row.get("base") else "; ".join(choice.failures.get(row["checkpoint"], [])) or "passes"
         if row["checkpoint"] == choice.row["checkpoint"]:
             verdict = "**chosen** " + verdict
+        spread = ("-" if row.get("face_identity_min") is None else
+                  f"{row['face_identity_min']:.3f}..{row['face_identity_max']:.3f} (sd {row['face_identity_std']:.3f})")
         shown.append({"checkpoint": row["checkpoint"], "epoch": "-" if row.get("base") else row["epoch"],
-                      **{m: _cell(row.get(m)) for m in ("likeness", *METRICS)}, "guards": verdict})
+                      "face_identity": _cell(row.get("face_identity")), "no_face": _share(row.get("face_no_face")),
+                      "identity_spread": spread, **{m: _cell(row.get(m)) for m in ("likeness", *METRICS[1:])},
+                      "guards": verdict})
     return shown
 
 
@@ -217,8 +274,10 @@ def report_markdown(rows: Sequence[Row], choice: Choice, copied: Path, plot: Pat
     lines += [f"> **Warning:** {w}\n" for w in choice.warnings]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in table]
-    lines += ["", f"Rule: `{choice.rule}`. Likeness is the mean of dino and clip_i (DreamBooth's DINO and CLIP-I, "
-              "on head crops); clip_t is prompt fidelity (CLIP-T); losses are deterministic diffusion losses on "
+    lines += ["", f"Rule: `{choice.rule}`. face_identity is the mean cosine similarity of the generated faces with "
+              "the training photos' faces (YuNet + SFace; about 0.3 and above: the same person), over the images "
+              "with a face; no_face is the share of images where no face was found. Likeness is the mean of dino "
+              "and clip_i (DreamBooth's DINO and CLIP-I, on head crops); clip_t is prompt fidelity (CLIP-T); losses are deterministic diffusion losses on "
               "images never trained on (lower is better)."]
     if plot is not None:
         lines += ["", f"![likeness vs prompt fidelity]({plot.name})"]
@@ -228,18 +287,23 @@ def report_markdown(rows: Sequence[Row], choice: Choice, copied: Path, plot: Pat
 
 
 def plot_scores(rows: Sequence[Row], choice: Choice, selection: SelectionSettings, path: Path) -> Path:
-    """Likeness (y) vs prompt fidelity (x) per checkpoint, the base model and the fidelity floor marked."""
+    """Face identity (y; likeness where no face was found anywhere) vs prompt fidelity (x) per checkpoint,
+    the identity's min..max as a bar, the base model and the fidelity floor marked."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display (Agg canvas)
 
     figure = Figure(figsize=(6, 4.5), dpi=100)
     axes = figure.subplots()
-    points = [r for r in rows if r.get("clip_t") is not None and r.get("likeness") is not None]
+    y = "face_identity" if any(r.get("face_identity") is not None for r in rows) else "likeness"
+    points = [r for r in rows if r.get("clip_t") is not None and r.get(y) is not None]
     for row in points:
         chosen = row["checkpoint"] == choice.row["checkpoint"]
         style = dict(marker="s", color="grey") if row.get("base") else dict(marker="*" if chosen else "o",
                                                                               color="crimson" if chosen else "tab:blue")
-        axes.scatter(row["clip_t"], row["likeness"], s=120 if chosen else 40, **style)
-        axes.annotate("base" if row.get("base") else str(row["epoch"]), (row["clip_t"], row["likeness"]),
+        if y == "face_identity":
+            spread = [[row[y] - row["face_identity_min"]], [row["face_identity_max"] - row[y]]]
+            axes.errorbar(row["clip_t"], row[y], yerr=spread, color=style["color"], alpha=0.4, linewidth=1)
+        axes.scatter(row["clip_t"], row[y], s=120 if chosen else 40, **style)
+        axes.annotate("base" if row.get("base") else str(row["epoch"]), (row["clip_t"], row[y]),
                       textcoords="offset points", xytext=(5, 5), fontsize=8)
     base = next((r for r in rows if r.get("base") and r.get("clip_t") is not None), None)
     if base is not None:
@@ -247,10 +311,10 @@ def plot_scores(rows: Sequence[Row], choice: Choice, selection: SelectionSetting
                      label="prompt-fidelity floor")
         axes.legend(loc="best", fontsize=8)
     if not points:
-        axes.text(0.5, 0.5, "likeness or prompt fidelity not measured", ha="center", transform=axes.transAxes)
+        axes.text(0.5, 0.5, "face identity / likeness or prompt fidelity not measured", ha="center", transform=axes.transAxes)
     axes.locator_params(nbins=5)
     axes.set_xlabel("prompt fidelity (CLIP-T)")
-    axes.set_ylabel("likeness (mean of DINO, CLIP-I)")
+    axes.set_ylabel("face identity (SFace cosine, min..max)" if y == "face_identity" else "likeness (mean of DINO, CLIP-I)")
     axes.set_title("Checkpoints by epoch")
     figure.tight_layout()
     with atomic_path(path) as tmp:
