@@ -384,6 +384,7 @@ class BackupSettings(Section):
     unit: TimeUnit = Field("MINUTE", description="Unit of every: NEVER, MINUTE, EPOCH or STEP; reference MINUTE (OneTrainer: backup_after_unit).")
     rolling_count: int = Field(3, ge=1, description="Backups kept; older ones are deleted; reference 3 (OneTrainer: rolling_backup_count).")
     before_save: bool = Field(False, description="Also back up just before each checkpoint save (OneTrainer: backup_before_save).")
+    keep_final: bool = Field(True, description="Also back up the run's last state, so that raising training.epochs later continues the run instead of starting it over (costs the disk of one backup).")
 
 
 class SelectionSettings(Section):
