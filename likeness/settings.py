@@ -186,7 +186,7 @@ class MaskSettings(Section):
 class CaptionerSettings(Section):
     model: str = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model for concepts with caption source 'captioner'.")
     kind: Literal["auto", "blip", "kosmos2"] = Field("auto", description="blip: plain image-to-text (BLIP and alike); kosmos2: Kosmos-2 (e.g. microsoft/kosmos-2-patch14-224) with its grounding prompt, tags stripped, max_new_tokens >= 64; auto: from the model's config.")
-    max_new_tokens: int = Field(40, ge=1, description="Longest caption the captioner writes, in tokens; reference 40.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest caption the captioner writes, in tokens; default per kind: 40 for BLIP (reference 40), 64 for Kosmos-2 (its grounding tags cost about five tokens per entity).")
     batch_size: int = Field(8, ge=1, description="Images per captioner batch; reference 8.")
 
 
