@@ -294,3 +294,5 @@ def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) 
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(extra["reason"])
     typer.echo(f"chosen: {extra['copied']}\nreport: {extra['report']}\nplot:   {extra['plot']}")
+    for earlier in extra.get("removed", []):
+        typer.echo(f"removed {earlier} (an earlier pick of select)")
