@@ -154,13 +154,22 @@ def train(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
 
 def _run_prepare(profile: str, run):
     """Run a prepare flow; a problem with the data or settings exits 2 with its message."""
-    _use_local_server()
     from likeness.stages import PrepareError
 
     try:
         return run()
     except PrepareError as exc:
         _fail(str(exc).replace("<profile>", profile))
+
+
+# Commands that run flows: they connect to the shared local server before Prefect is imported.
+FLOW_COMMANDS = {"demo", "run", "prepare", "stage", "train", "evaluate", "select", "watch"}
+
+
+@app.callback()
+def _before_command(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand in FLOW_COMMANDS:
+        _use_local_server()
 
 
 def _use_local_server() -> None:
@@ -173,7 +182,7 @@ def _use_local_server() -> None:
     from likeness.deployments import local_server
 
     if not local_server.enabled() or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
-        return
+        return  # (Prefect imported already: its settings are fixed, as under the tests' harness)
     if local_server.profile_api_url():
         return
     try:
