@@ -229,7 +229,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(objects["ema"])
         self.step, self.losses = backup.step, LossLog(objects["losses"])
-        self.saved = [c for c in objects.get("saved", []) if c.path.exists()]  # a finished run's checkpoints stay listed
+        saved = [SavedCheckpoint(Path(path), sha, int(epoch), int(step)) for path, sha, epoch, step in objects.get("saved", [])]
+        self.saved = [c for c in saved if c.path.exists()]  # a finished run's checkpoints stay listed
         restore_rng(objects["rng"])
         for line in describe_continuation(backup.progress, self.settings, self.total_steps):
             self.log(line)
@@ -249,7 +250,7 @@ class Trainer:
             weights = {part: getattr(self.pipe, part).state_dict() for part in self.trained}
             objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
-                       "ema": self.ema.state_dict() if self.ema is not None else None, "saved": self.saved}
+                       "ema": self.ema.state_dict() if self.ema is not None else None, "saved": [[str(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
             progress = {"epoch": self.epoch, "step": self.step, "batch": self.data.sampler.position.batch,
                         "length": run_length(self.settings), "total_steps": self.total_steps}
             path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,
