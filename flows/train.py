@@ -4,6 +4,8 @@ Reads only what `prepare` left in the workspace; a missing stage output is an er
 stage and the command that makes it. The training task holds the `gpu` concurrency slot (tag),
 is cached by content (a re-run with nothing changed does nothing) and retried per
 `settings.run.retries`, each retry resuming from the last backup.
+After a successful training the dataset it trained on is recorded for the watcher
+(`tasks/watch.py`), however the training was started (`likeness train`, `run`, `demo`, a deployment).
 
     likeness train --profile demo-cpu
     python -m likeness.flows.train PROFILE [key=value ...]
@@ -18,6 +20,7 @@ from prefect import flow, get_run_logger
 from likeness.settings import Settings
 from likeness.tasks.common import transient
 from likeness.tasks.train import publish_training_report, train_model
+from likeness.tasks.watch import dataset_to_train, record_trained_dataset
 from likeness.trainer.loop import TrainResult
 from likeness.trainer.train_data import check_prepared
 from likeness.workspace import Workspace
@@ -28,6 +31,7 @@ def train(settings: Settings) -> TrainResult:
     """Fine-tune on the prepared dataset; publish the loss curve and table."""
     ws = Workspace.from_settings(settings)
     check_prepared(ws)
+    dataset = dataset_to_train(settings.concepts, settings.run.workspace)
     task = train_model.with_options(retries=settings.run.retries, retry_delay_seconds=settings.run.retry_delay_seconds,
                                     retry_condition_fn=transient, result_storage=ws.prefect_results)
     state = task(settings=settings, ws=ws, return_state=True)
@@ -36,6 +40,7 @@ def train(settings: Settings) -> TrainResult:
         get_run_logger().warning("train: checkpoints of the cached run vanished; training again")
         result = task.with_options(refresh_cache=True)(settings=settings, ws=ws)
     publish_training_report(result)
+    record_trained_dataset(settings, dataset)  # every way of training tells the watcher what it trained on
     return result
 
 

@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from likeness.profiles import SettingsError, available_profiles, load_profile, settings_to_toml
 
 app = typer.Typer(
     help="Photos of a person in, the best fine-tuned SDXL checkpoint out.",
@@ -29,6 +28,8 @@ SetOption = Annotated[
 
 
 def _settings(profile: str, overrides: list[str] | None):
+    from likeness.profiles import SettingsError, load_profile  # here, not at the top: `--help` stays fast
+
     try:
         return load_profile(profile, overrides or [])
     except SettingsError as exc:
@@ -43,6 +44,8 @@ def _fail(message: str) -> None:
 @app.command()
 def profiles() -> None:
     """List the ready-made profiles."""
+    from likeness.profiles import available_profiles
+
     for name in available_profiles():
         typer.echo(name)
 
@@ -50,6 +53,8 @@ def profiles() -> None:
 @app.command()
 def settings(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     """Validate a profile (with overrides) and print every setting as TOML."""
+    from likeness.profiles import settings_to_toml
+
     typer.echo(settings_to_toml(_settings(profile, set_)))
 
 
@@ -157,6 +162,35 @@ def _run_prepare(profile: str, run):
         _fail(str(exc).replace("<profile>", profile))
 
 
+# Commands that run flows: they connect to the shared local server before Prefect is imported.
+FLOW_COMMANDS = {"demo", "run", "prepare", "stage", "train", "evaluate", "select", "watch"}
+
+
+@app.callback()
+def _before_command(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand in FLOW_COMMANDS:
+        _use_local_server()
+
+
+def _use_local_server() -> None:
+    """Point this command at the shared local Prefect server (started once, kept while used; see
+    deployments/local_server.py) instead of a temporary one per command, unless PREFECT_API_URL is
+    set, LIKENESS_SERVER=off, or Prefect is already configured in this process (tests)."""
+    import os
+    import sys
+
+    from likeness.deployments import local_server
+
+    if not local_server.enabled() or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return  # (Prefect imported already: its settings are fixed, as under the tests' harness)
+    if local_server.profile_api_url():
+        return
+    try:
+        os.environ["PREFECT_API_URL"] = local_server.connect(log=lambda m: typer.echo(m, err=True))
+    except (OSError, RuntimeError) as exc:  # the command still runs, on a temporary server
+        typer.secho(f"warning: {exc}", fg=typer.colors.YELLOW, err=True)
+
+
 # --- operating from the Prefect UI (docs/operations.md) --------------------------------------
 
 
@@ -192,6 +226,7 @@ def server(
     port: Annotated[int, typer.Option(help="Port of the UI and API.")] = 4200,
 ) -> None:
     """Start a local Prefect server (UI + API) bound to 127.0.0.1, analytics off; Ctrl-C stops."""
+    import os
     import signal
     import sys
 
@@ -204,6 +239,9 @@ def server(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminated CLI stops its server too
     try:
         wait_healthy(host, port, proc)
+        from likeness.deployments import local_server
+
+        local_server.write_state(host, port, os.getpid())  # `likeness` commands use this server while it is up
         typer.echo(f"Prefect UI:  {ui_url(host, port)}\nAPI:         {ui_url(host, port)}/api\n"
                    f"Clients:     export PREFECT_API_URL={ui_url(host, port)}/api", color=False)
         sys.stdout.flush()
@@ -211,6 +249,9 @@ def server(
     except KeyboardInterrupt:
         pass
     finally:
+        from likeness.deployments import local_server
+
+        local_server.clear_state(os.getpid())
         stop(proc)
 
 
@@ -294,6 +335,8 @@ def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) 
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(extra["reason"])
     typer.echo(f"chosen: {extra['copied']}\nreport: {extra['report']}\nplot:   {extra['plot']}")
+    for earlier in extra.get("removed", []):
+        typer.echo(f"removed {earlier} (an earlier pick of select)")
 
 
 @app.command("compare-faces")

@@ -210,7 +210,7 @@ class MaskSettings(Section):
 class CaptionerSettings(Section):
     model: str = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model for concepts with caption source 'captioner'.")
     kind: Literal["auto", "blip", "kosmos2"] = Field("auto", description="blip: plain image-to-text (BLIP and alike); kosmos2: Kosmos-2 (e.g. microsoft/kosmos-2-patch14-224) with its grounding prompt, tags stripped, max_new_tokens >= 64; auto: from the model's config.")
-    max_new_tokens: int = Field(40, ge=1, description="Longest caption the captioner writes, in tokens; reference 40.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest caption the captioner writes, in tokens; default per kind: 40 for BLIP (reference 40), 64 for Kosmos-2 (its grounding tags cost about five tokens per entity).")
     batch_size: int = Field(8, ge=1, description="Images per captioner batch; reference 8.")
 
 
@@ -408,6 +408,7 @@ class BackupSettings(Section):
     unit: TimeUnit = Field("MINUTE", description="Unit of every: NEVER, MINUTE, EPOCH or STEP; reference MINUTE (OneTrainer: backup_after_unit).")
     rolling_count: int = Field(3, ge=1, description="Backups kept; older ones are deleted; reference 3 (OneTrainer: rolling_backup_count).")
     before_save: bool = Field(False, description="Also back up just before each checkpoint save (OneTrainer: backup_before_save).")
+    keep_final: bool = Field(True, description="Also back up the run's last state, so that raising training.epochs later continues the run instead of starting it over (costs the disk of one backup).")
 
 
 class SelectionSettings(Section):

@@ -34,11 +34,13 @@ from likeness.files import write_atomic
 from likeness.models.devices import resolve_device
 from likeness.settings import CaptionerSettings, Concept
 from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached, write_table
+from likeness.tasks.captions_kosmos2 import MAX_NEW_TOKENS as KOSMOS2_MAX_NEW_TOKENS
 from likeness.tasks.captions_kosmos2 import is_kosmos2, kosmos2_captions
 from likeness.tasks.common import StagePolicy, progress
 from likeness.workspace import Workspace
 
 CAPTIONS_VERSION = 1
+BLIP_MAX_NEW_TOKENS = 40
 # Words BLIP-large is known to invent at the start of captions ("arafed man ...").
 CAPTIONER_ARTEFACTS = re.compile(r"\b(araf+ed|araf+e|arafly|arafe)\b\s*", re.IGNORECASE)
 
@@ -98,6 +100,13 @@ def generate_captions(images: list[Image.Image], model, processor, max_new_token
     inputs = processor(images=images, return_tensors="pt").to(device)
     ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return [clean_generated(text) for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def token_budget(max_new_tokens: int | None, model) -> int:
+    """`captioner.max_new_tokens`, or the default of the model's kind: 64 for Kosmos-2, 40 for BLIP and others."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return KOSMOS2_MAX_NEW_TOKENS if is_kosmos2(model) else BLIP_MAX_NEW_TOKENS
 
 
 def load_captioner(name: str, device: str, kind: str = "auto") -> tuple[object, object, torch.device]:
@@ -176,13 +185,14 @@ def _raise_for_missing(rows: list[Row], by_name: dict[str, Concept]) -> None:
                            f"concept's caption.on_missing to prefix_only or filename:\n{listing}")
 
 
-def _generate(batch: list[Row], by_name: dict[str, Concept], model, max_new_tokens: int) -> list[str | None]:
+def _generate(batch: list[Row], by_name: dict[str, Concept], model, max_new_tokens: int | None) -> list[str | None]:
     wanted = [i for i, row in enumerate(batch) if by_name[row["concept"]].caption.source == "captioner"]
     out: list[str | None] = [None] * len(batch)
     if wanted:
         captioner, processor, device = model()
         images = [Image.open(batch[i]["prepared"]).convert("RGB") for i in wanted]
-        for i, text in zip(wanted, generate_captions(images, captioner, processor, max_new_tokens, device), strict=True):
+        budget = token_budget(max_new_tokens, captioner)
+        for i, text in zip(wanted, generate_captions(images, captioner, processor, budget, device), strict=True):
             out[i] = text
     return out
 

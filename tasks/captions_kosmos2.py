@@ -8,8 +8,9 @@ with the caption, marking each entity with `<phrase>..</phrase><object><patch_in
 taken off the front and the end period dropped: `a man with dark hair standing in a room`. The
 concept's token prefix goes first in `captions.py`: `ohwx man, a man with dark hair ...`.
 
-Grounding costs about five tokens per entity (phrase tags and a two-index box), so give it
-`captioner.max_new_tokens` 64 or more (the model card uses 128).
+Grounding costs about five tokens per entity (phrase tags and a two-index box), so it needs
+`captioner.max_new_tokens` 64 or more (the model card uses 128): unset, it gets
+`MAX_NEW_TOKENS` = 64 (BLIP gets 40, see `captions.token_budget`).
 
     settings.captioner.model = "microsoft/kosmos-2-patch14-224"   # kind "auto" detects it
     captions = kosmos2_captions(images, model, processor, max_new_tokens=64, device=device)
@@ -25,6 +26,7 @@ from PIL import Image
 
 MODEL_TYPE = "kosmos-2"  # config.model_type of Kosmos2ForConditionalGeneration
 GROUNDING_PROMPT = "<grounding>An image of"
+MAX_NEW_TOKENS = 64  # the default budget: the grounding tags need room besides the words
 _TAG = re.compile(r"<[^<>]*>")
 
 

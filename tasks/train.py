@@ -6,7 +6,8 @@ as the run goes (`EvaluationArtifactSink`).
 
 The cache key is the content training reads (manifest, latent cache index, base model) and the
 training settings (`loop.train_key`): a re-run with nothing changed is `Cached` and loads no model.
-A retry (or a re-run after a crash) resumes from the newest matching backup by itself.
+A retry (or a re-run after a crash) resumes from the newest matching backup by itself; a re-run
+with more `training.epochs` continues the finished run from its last backup (trainer/extend.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from likeness.settings import Settings
 from likeness.tasks.common import StagePolicy
-from likeness.trainer.backup import latest_backup
+from likeness.trainer.extend import resumable_backup
 from likeness.trainer.loop import TrainResult, train, train_key, training_fingerprint
 from likeness.trainer.tensorboard import sinks_from_settings
 from likeness.workspace import Workspace
@@ -64,7 +65,7 @@ class EvaluationArtifactSink:
 @task(name="train-model", tags=["gpu"], cache_policy=StagePolicy(key_fn=train_key))
 def train_model(settings: Settings, ws: Workspace) -> TrainResult:
     """Fine-tune the base model on the prepared dataset: samples, checkpoints, backups, loss reports."""
-    backup = latest_backup(ws.backups, training_fingerprint(settings, ws))  # TensorBoard drops steps after it
+    backup = resumable_backup(ws.backups, training_fingerprint(settings, ws), settings)  # TensorBoard drops steps after it
     sinks = sinks_from_settings(settings, ws, start_step=backup.step + 1 if backup else None)
     if settings.evaluation.during_training.enabled:
         sinks = [*sinks, EvaluationArtifactSink()]

@@ -207,6 +207,15 @@ def record_trained(workspace: str | Path, fingerprint: Fingerprint) -> Path:
     return state.save()
 
 
+def dataset_to_train(concepts: Sequence[Concept], workspace: str | Path) -> Fingerprint | None:
+    """The concepts' fingerprint as a training starts (the watcher's stats spare re-hashing);
+    None when a concept folder is gone (training reads the prepared copies and goes on)."""
+    try:
+        return fingerprint_concepts(concepts, previous=WatchState.load(watch_state_path(workspace)).reference)
+    except FingerprintError:
+        return None
+
+
 # --- Prefect task ----------------------------------------------------------------------------
 
 
@@ -223,6 +232,18 @@ def fingerprint_dataset(settings: Settings) -> Check:
                           f"changed since the last training ({check.changes.describe()})" if check.changed
                           else "same as the last training")
     return check
+
+
+@task(name="record-trained-dataset", cache_policy=NO_CACHE)
+def record_trained_dataset(settings: Settings, dataset: Fingerprint | None) -> str | None:
+    """After a successful training (`likeness train`, `run`, `demo` or a deployment): the watcher
+    compares with this dataset from now on, so it does not announce it again."""
+    if dataset is None:
+        get_run_logger().warning("a concept folder is missing: the dataset trained on is not recorded for the watcher")
+        return None
+    record_trained(settings.run.workspace, dataset)
+    get_run_logger().info("dataset %s recorded as the last trained one (for the watcher)", dataset.digest[:12])
+    return dataset.digest
 
 
 @task(name="announce-dataset-change", cache_policy=NO_CACHE)

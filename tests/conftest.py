@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LIKENESS_SERVER", "off")  # CLI commands in tests start no shared local server (issue 18)
 
 
 # --- prepare stages and Prefect flows (issue 3) ----------------------------------------------

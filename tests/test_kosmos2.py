@@ -139,3 +139,24 @@ def test_captions_stage_puts_the_token_first(tmp_path, photo, tiny_kosmos2, load
     expected = [with_prefix("ohwx man", c) for c in generate_captions(images, model, processor, 12, device)]
     assert [r["captions"][0] for r in rows] == expected
     assert all(c.startswith("ohwx man") and "<" not in c for c in expected)
+
+
+def test_the_default_token_budget_is_per_captioner_kind(tmp_path, photo, tiny_kosmos2, loaded, monkeypatch):
+    from likeness.tasks import captions as captions_module
+    from likeness.tasks.captions import token_budget
+
+    model, _, _ = loaded
+    assert CaptionerSettings().max_new_tokens is None
+    assert token_budget(None, model) == 64 and token_budget(12, model) == 12
+    assert token_budget(None, torch.nn.Linear(1, 1)) == 40  # BLIP and other plain captioners
+    photo(tmp_path / "p" / "a.png", 0, size=(64, 64))
+    concept = Concept(name="p", path=tmp_path / "p", caption=CaptionSource(source="captioner", prefix="ohwx man"))
+    ws = Workspace(tmp_path / "ws")
+    index = HashIndex(ws.hash_index)
+    scan, _ = scan_stage([concept], 1, ws, index)
+    resize = resize_stage(scan, ResizeSettings(resolution=64), ws, index)
+    budgets = []
+    monkeypatch.setattr(captions_module, "generate_captions",
+                        lambda images, m, p, budget, d: budgets.append(budget) or ["a man"] * len(images))
+    captions_stage(resize, [concept], CaptionerSettings(model=str(tiny_kosmos2)), 0, ws, index, device="cpu")
+    assert budgets == [64]  # kind "auto", no budget set: Kosmos-2's

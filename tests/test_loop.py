@@ -88,7 +88,8 @@ def test_samples_saves_and_backups_keep_their_schedule(train_settings):
     assert [(c.epoch, c.step) for c in result.checkpoints] == [(2, 12), (3, 18)]
     info = load_checkpoint_metadata(result.final_checkpoint)
     assert (info.epoch, info.step, info.base_model) == (3, 18, str(settings.model.base_model)) and info.settings_hash
-    assert [p.name for p in ws.backups.iterdir()] == ["backup-000000012"]  # rolling count 1, none at the end
+    # rolling count 1: the last state (backups.keep_final, for extending the run later) replaced epoch 2's
+    assert [p.name for p in ws.backups.iterdir()] == ["backup-000000018"]
     assert any(re.search(r"step 6/18 epoch 1/3 loss \d\.\d+ [\d.]+ it/s ETA", line) for line in lines)
 
 

@@ -238,3 +238,16 @@ def test_latent_encoders_load_from_an_sd15_single_file(sd15, exported, tiny_sd15
     assert list(encoders.text) == ["text_encoder"] and len(tokenizer) == len(sd15.tokenizer)
     for want, got in ((sd15.vae, encoders.vae), (sd15.text_encoder, encoder)):
         assert all(torch.equal(a, b) for a, b in zip(want.state_dict().values(), got.state_dict().values()))
+
+
+def test_sd15_keys_ignore_the_text_encoder_2_settings():
+    from likeness.settings import Settings
+    from likeness.tasks.evaluate.grid import generation_settings, loss_settings
+    from likeness.trainer.loop import training_relevant
+
+    def settings(family, **te2):
+        return Settings.model_validate({"model": {"model_type": family}, "training": {"text_encoder_2": te2}})
+
+    for keys in (generation_settings, loss_settings, training_relevant):
+        assert keys(settings("sd15")) == keys(settings("sd15", clip_skip=2, train=True, learning_rate=1e-4))
+        assert keys(settings("sdxl")) != keys(settings("sdxl", clip_skip=2, train=True))  # SDXL uses them

@@ -10,7 +10,7 @@ from likeness.content import HashIndex
 from likeness.settings import SelectionSettings
 from likeness.stages import Counts
 from likeness.tasks.evaluate.grid import eval_table, write_eval_table
-from likeness.tasks.evaluate.select import SelectionError, choose, guard_failures, likeness, scores_table, select_stage
+from likeness.tasks.evaluate.select import PICKS_FILE, SelectionError, choose, guard_failures, likeness, scores_table, select_stage
 from likeness.workspace import Workspace
 
 BASE = {"checkpoint": "base", "epoch": None, "step": 0, "base": True, "dino": 0.30, "clip_i": 0.50, "clip_t": 0.30,
@@ -125,7 +125,7 @@ def test_select_stage_copies_the_choice_and_writes_report_and_plot(tmp_path):
     assert "| person-15.safetensors | 15 |" in report and "| base | - |" in report
     with Image.open(extra["plot"]) as plot:
         assert plot.format == "PNG" and plot.width >= 400
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == [PICKS_FILE]  # no temporaries
 
 
 def test_select_without_scores_names_likeness_evaluate(tmp_path):
@@ -133,3 +133,32 @@ def test_select_without_scores_names_likeness_evaluate(tmp_path):
     assert not eval_table(ws, "scores").exists()
     with pytest.raises(Exception, match="likeness evaluate"):
         scores_table(ws)
+
+
+def test_a_new_pick_removes_the_earlier_picks_of_select_but_never_a_users_file(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    files = {}
+    for epoch in (15, 30, 45):
+        files[epoch] = ws.checkpoints / f"person-{epoch}.safetensors"
+        files[epoch].parent.mkdir(parents=True, exist_ok=True)
+        files[epoch].write_bytes(f"weights of epoch {epoch}".encode())
+    table = [dict(r, path=str(files.get(r["epoch"], "base")))
+             for r in rows(row(15, dino=0.6), row(30, dino=0.7), row(45, dino=0.65))]
+    write_eval_table(ws, "scores", table, Counts(), {}, {})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.safetensors").write_bytes(b"the user's own file")
+
+    def pick(**rule):
+        result = select_stage(scores_table(ws), SelectionSettings(**rule), out, ws, HashIndex())
+        return json.loads(result.table.read_text())["extra"]
+
+    assert pick()["copied"] == str(out / "person-30.safetensors")
+    second = pick(rule="epoch", epoch=15)
+    assert second["removed"] == [str(out / "person-30.safetensors")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["mine.safetensors", "person-15.safetensors"]
+    (out / "person-15.safetensors").write_bytes(b"edited by the user since")  # no longer what select wrote
+    third = pick(rule="epoch", epoch=45)
+    assert third["removed"] == [] and (out / "person-15.safetensors").read_bytes() == b"edited by the user since"
+    assert (out / "mine.safetensors").read_bytes() == b"the user's own file"
+    assert files[30].is_file() and files[15].is_file()  # the workspace's checkpoints stay

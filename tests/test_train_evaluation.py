@@ -83,5 +83,5 @@ def test_training_evaluates_logs_and_stops_early(train_settings, tiny_model_dirs
         logged = [r for r in csv.DictReader(f) if r.get("eval_clip_t")]
     assert len(logged) == 2  # after epochs 1 and 2 (the base model's evaluation comes before any step)
     backup = latest_backup(ws.backups, training_fingerprint(settings, ws))
-    assert [row["epoch"] for row in backup.objects()["evaluations"]] == [0, 1]  # backed up after epoch 1
+    assert [row["epoch"] for row in backup.objects()["evaluations"]] == [0, 1, 2]  # the kept final state (backups.keep_final)
     assert len(list((ws.samples / "evaluation").glob("*.jpg"))) == 6

@@ -46,6 +46,10 @@ def test_train_flow_runs_once_then_is_cached_with_artifacts(train_settings, monk
     result = first.result()
     assert result.steps == 6 and result.final_checkpoint.is_file()
     assert task_states(first) == ["Completed"]
+    from likeness.flows.watch import watch_dataset
+
+    watched = watch_dataset(settings)  # a plain training told the watcher what it trained on
+    assert not watched["changed"] and not watched["announced"]
     monkeypatch.setattr(loop, "load_models", lambda *a: pytest.fail("a cached run loaded the model"))
     second = train(settings, return_state=True)
     assert second.result().final_checkpoint == result.final_checkpoint

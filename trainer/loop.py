@@ -4,7 +4,9 @@ fine-tunes the SDXL or SD 1.5 UNet (and text encoder 1), samples, saves checkpoi
 One `train(settings)` call runs (or finishes) a whole training run. It resumes by itself from the
 newest complete backup whose fingerprint (training settings + data + base model) matches, so a
 killed run started again continues where its last backup left off and ends with the weights an
-uninterrupted run would have. Under `accelerate launch` (several processes, gloo or NCCL) each
+uninterrupted run would have. Raising `training.epochs` after a finished run continues from its
+last state (kept as a backup) instead of starting over: see `likeness.trainer.extend` for the rule,
+also for schedules that depend on the total step count. Under `accelerate launch` (several processes, gloo or NCCL) each
 process trains its slice of every batch; gradients are averaged before each optimizer step, and
 process 0 alone writes samples, checkpoints, backups and reports.
 
@@ -38,12 +40,13 @@ from likeness.models.conditioning import EncoderOutput, encode_prompt, encode_pr
 from likeness.models.loading import load_pipeline
 from likeness.models.sampling import generate, sample_filename, save_sample
 from likeness.settings import Settings
-from likeness.trainer.backup import Backup, latest_backup, restore_rng, save_backup
+from likeness.trainer.backup import Backup, restore_rng, save_backup
 from likeness.trainer.distributed import (
     Processes, average_gradients, digests_agree, mean_over_processes, start_processes,
 )
 from likeness.trainer.ema import EMA
 from likeness.trainer.evaluation import InTrainingEvaluator, scalars as evaluation_scalars
+from likeness.trainer.extend import describe_continuation, resumable_backup, run_length
 from likeness.trainer.intervals import Interval
 from likeness.trainer.nonfinite import NonFiniteGuard, RollBack, all_finite, likely_causes
 from likeness.trainer.loss import diffusion_losses
@@ -55,7 +58,7 @@ from likeness.trainer.optimizer import (
 from likeness.trainer.train_data import Batch, TrainData
 from likeness.workspace import Workspace
 
-TRAIN_VERSION = 1
+TRAIN_VERSION = 2  # 2: the run's length left out of the fingerprint (trainer/extend.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_TABLE, LOSS_CURVE = "loss.csv", "loss.png"
 Log = Callable[[str], None]
@@ -93,17 +96,24 @@ class TrainResult:
 
 
 def training_relevant(settings: Settings) -> dict[str, Any]:
-    """The settings that change the trained weights (not sampling, saving, backups or run mechanics)."""
+    """The settings that change the weights of the steps trained (not sampling, saving, backups or run
+    mechanics, nor the run's length: `extend.run_length`). SD 1.5 ignores the text_encoder_2 settings."""
     relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
-    relevant["training"].pop("iterations_per_second")
-    relevant["training"].pop("max_nonfinite_steps")  # when to give up, not what is trained
+    training = relevant["training"]
+    # max_nonfinite_steps: when to give up, not what is trained
+    sd15_unused = ["text_encoder_2"] if settings_family(settings) == "sd15" else []
+    for name in ("iterations_per_second", "max_nonfinite_steps", "epochs", *sd15_unused):
+        training.pop(name)
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if part in training:
+            training[part].pop("stop_training_after")  # the unit stays: it decides what the count means
     relevant["seed"] = settings.run.seed
     relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
     return relevant
 
 
 def training_fingerprint(settings: Settings, ws: Workspace) -> str:
-    """What a backup must match to be resumed: training settings, the data read, the base model."""
+    """What a backup must match to be resumed or extended: training settings, the data read, the base model."""
     index = HashIndex(ws.hash_index)
     base = model_fingerprint(settings.model.base_model, index)
     index.save()  # a multi-GB base model is hashed once, then known by its size and mtime
@@ -117,7 +127,7 @@ def train_key(settings: Settings, ws: Workspace) -> str:
     if settings.evaluation.during_training.enabled:  # evaluations and early stop change what is written
         outputs["evaluation"] = settings.evaluation.model_dump(mode="json", exclude={"selection"})
         outputs["fidelity_tolerance"] = settings.evaluation.selection.fidelity_tolerance
-    return digest_parts("train-stage", training_fingerprint(settings, ws), outputs, str(ws.root))
+    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs, str(ws.root))
 
 
 def settings_hash(settings: Settings) -> str:
@@ -208,8 +218,10 @@ class Trainer:
     # --- resume and backups ------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the newest complete backup with this run's fingerprint (process 0 finds it, all load it)."""
-        found: list[Any] = [latest_backup(self.ws.backups, self.fingerprint) if self.procs.main else None]
+        """Load the newest complete backup with this run's fingerprint that continues into this run's
+        length (process 0 finds it, all load it); see trainer/extend.py."""
+        found: list[Any] = [resumable_backup(self.ws.backups, self.fingerprint, self.settings) if self.procs.main
+                            else None]
         if self.procs.world_size > 1:
             dist.broadcast_object_list(found, src=0)
         backup: Backup | None = found[0]
@@ -220,15 +232,29 @@ class Trainer:
         objects = backup.objects()
         self.optimizer.load_state_dict(objects["optimizer"])
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        if backup.progress.get("total_steps", self.total_steps) != self.total_steps:
+            self._stretch_schedule()
         self.data.sampler.load_state_dict(objects["sampler"])
         if self.ema is not None:
             self.ema.load_state_dict(objects["ema"])
         self.step, self.losses = backup.step, LossLog(objects["losses"])
         if self.evaluator is not None:  # the evaluation history goes on where the backup left it
             self.evaluator.history = list(objects.get("evaluations") or [])
+        saved = [SavedCheckpoint(Path(path), sha, int(epoch), int(step)) for path, sha, epoch, step in objects.get("saved", [])]
+        self.saved = [c for c in saved if c.path.exists()]  # a finished run's checkpoints stay listed
         restore_rng(objects["rng"])
+        for line in describe_continuation(backup.progress, self.settings, self.total_steps):
+            self.log(line)
         self.log(f"resumed from {backup.path} (step {self.step}, epoch {self.epoch})")
         return backup.path
+
+    def _stretch_schedule(self) -> None:
+        """Another total step count: each group's LR is the new schedule's at the current step
+        (the scheduler's lambdas are this run's; only its step count came from the backup)."""
+        scheduler = self.lr_scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def backup(self) -> None:
         if self.procs.main:
@@ -236,9 +262,12 @@ class Trainer:
             objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
                        "ema": self.ema.state_dict() if self.ema is not None else None,
-                       "evaluations": self.evaluator.history if self.evaluator is not None else []}
+                       "evaluations": self.evaluator.history if self.evaluator is not None else [],
+                       "saved": [[str(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
+            progress = {"epoch": self.epoch, "step": self.step, "batch": self.data.sampler.position.batch,
+                        "length": run_length(self.settings), "total_steps": self.total_steps}
             path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,
-                               objects=objects, progress={"epoch": self.epoch, "step": self.step},
+                               objects=objects, progress=progress,
                                keep=self.settings.backups.rolling_count)
             self.log(f"backup {path}")
         self.procs.barrier()
@@ -483,6 +512,8 @@ def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] 
     final = save_final(t, t.epoch if stopped else epochs)
     if procs.world_size > 1:  # the same model everywhere, or a loud error
         t.log(f"weights identical on all {procs.world_size} processes (sha256 {digests_agree(t.all_params, procs)[:16]})")
+    if settings.backups.keep_final and not (resumed is not None and t.step == _backup_step(resumed)):
+        t.backup()  # the last state: raising training.epochs later continues from here (trainer/extend.py)
     table, curve = t.reports()
     for sink in t.sinks:
         sink.close()
@@ -510,6 +541,10 @@ def rebuilt_from_last_backup(settings: Settings, procs: Processes, carried: tupl
     fresh.samples = samples
     set_trained_parts(fresh.optimizer, parts_to_train(settings.training, fresh.epoch, fresh.step, fresh.parts))
     return fresh
+
+
+def _backup_step(path: Path) -> int:
+    return int(path.name.removeprefix("backup-"))
 
 
 def save_final(t: Trainer, epoch: int | None = None) -> Path:

@@ -36,6 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
 from likeness.files import write_atomic
+from likeness.latent_index import model_parts
 from likeness.manifest import read_manifest
 from likeness.models.checkpoint import FOLDER_METADATA, load_checkpoint_metadata
 from likeness.models.devices import resolve_device
@@ -148,14 +149,15 @@ def generation_settings(settings: Settings) -> dict[str, Any]:
     e = settings.evaluation
     return {"negative_prompt": e.negative_prompt, "steps": e.steps, "cfg": e.cfg_scale, "sampler": e.sampler,
             "resolution": e.resolution or settings.resize.resolution,
-            "clip_skip": (settings.training.text_encoder.clip_skip, settings.training.text_encoder_2.clip_skip)}
+            "clip_skip": tuple(getattr(settings.training, part).clip_skip for part in model_parts(settings))}
+    # SD 1.5 has no text_encoder_2: its settings change no image, so they are not in the keys
 
 
 def loss_settings(settings: Settings) -> dict[str, Any]:
     t = settings.training
     return {"seed": settings.evaluation.seed, "timesteps": settings.evaluation.loss_timesteps,
             "noise": t.noise.model_dump(mode="json"), "loss": t.loss.model_dump(mode="json"),
-            "trained": (t.text_encoder.train, t.text_encoder_2.train), "clip_skip": generation_settings(settings)["clip_skip"],
+            "trained": tuple(getattr(t, part).train for part in model_parts(settings)), "clip_skip": generation_settings(settings)["clip_skip"],
             "held_out": settings.evaluation.class_prior_images}
 
 
@@ -222,7 +224,8 @@ def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settin
     def compute(batch: list[Row]) -> list[Row]:
         images = generate(pipe(), [i["prompt"] for i in batch], [gen["negative_prompt"]] * len(batch),
                           [i["seed"] for i in batch], steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"],
-                          resolution=gen["resolution"], clip_skip_1=gen["clip_skip"][0], clip_skip_2=gen["clip_skip"][1])
+                          resolution=gen["resolution"], clip_skip_1=gen["clip_skip"][0],
+                          clip_skip_2=settings.training.text_encoder_2.clip_skip)  # SD 1.5 ignores it
         out = []
         for item, image in zip(batch, images, strict=True):
             path = save_sample(image, folder / f"{key(item)}.png")

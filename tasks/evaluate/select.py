@@ -20,6 +20,9 @@ of them and the report says so in a warning: the model may be overtrained or the
 Outputs: the chosen checkpoint copied atomically to `settings.output_destination` (a folder, or a
 `.safetensors` path), `evaluation/selection.md` (score table, the reason in one sentence) and
 `evaluation/selection.png` (likeness vs prompt fidelity per checkpoint).
+A new pick replaces the earlier ones: the copies an earlier `select` made at the destination (named
+in `.likeness-picks.json` there, with their content hash) are removed while unchanged, so the
+destination holds the chosen checkpoint alone; a user's file there is never touched.
 
     choice = choose(rows, settings.evaluation.selection)
     print(choice.reason)
@@ -28,6 +31,7 @@ Outputs: the chosen checkpoint copied atomically to `settings.output_destination
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import tempfile
@@ -39,7 +43,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from likeness.content import HashIndex, digest_parts, file_digest
+from likeness.content import HashIndex, digest_parts, file_digest, folder_digest
 from likeness.files import atomic_path, write_atomic
 from likeness.settings import SelectionSettings
 from likeness.stages import Counts, StageResult, rerun_hint
@@ -242,6 +246,36 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
     return target
 
 
+PICKS_FILE = ".likeness-picks.json"  # beside the copies: what `select` put there, by content
+
+
+def _digest(path: Path, index: HashIndex) -> str:
+    return folder_digest(path, index) if path.is_dir() else index.digest(path)
+
+
+def replace_earlier_picks(copied: Path, index: HashIndex) -> list[Path]:
+    """Remove the copies earlier `select` runs left beside `copied`, and record `copied` instead.
+
+    Only what the record (PICKS_FILE in that folder) names AND that still has the content `select`
+    wrote is removed: a file the user put there, or changed since, is never touched. Returns the
+    removed paths.
+    """
+    record = copied.parent / PICKS_FILE
+    try:
+        picks = json.loads(record.read_text(encoding="utf-8")).get("picks", {})
+    except (OSError, ValueError, AttributeError):
+        picks = {}
+    removed = []
+    for name, digest in picks.items():
+        earlier = copied.parent / Path(name).name
+        if earlier == copied or not earlier.exists() or _digest(earlier, index) != digest:
+            continue
+        shutil.rmtree(earlier) if earlier.is_dir() else earlier.unlink()
+        removed.append(earlier)
+    write_atomic(record, json.dumps({"picks": {copied.name: _digest(copied, index)}}, indent=1))
+    return removed
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -346,6 +380,7 @@ def select_stage(scores: StageResult, selection: SelectionSettings, destination:
     choice = choose(rows, selection)
     source = Path(choice.row["path"])
     copied = copy_checkpoint(source, destination_path(source, Path(destination)))
+    removed = replace_earlier_picks(copied, index)
     folder = evaluation_dir(ws)
     plot = plot_scores(rows, choice, selection, folder / "selection.png")
     grid = eval_table(ws, "grid")
@@ -357,7 +392,7 @@ def select_stage(scores: StageResult, selection: SelectionSettings, destination:
         outputs[str(copied)] = index.digest(copied)
     extra = {"chosen": choice.row["checkpoint"], "source": str(source), "copied": str(copied), "reason": choice.reason,
              "warnings": choice.warnings, "report": str(report_path), "plot": str(plot), "markdown": report,
-             "table": score_table(rows, choice)}
+             "table": score_table(rows, choice), "removed": [str(p) for p in removed]}
     result = write_eval_table(ws, "select", [choice.row], Counts(processed=1), outputs, extra)
     index.save()
     return result
@@ -387,4 +422,6 @@ def select_checkpoint(scores: StageResult, selection: SelectionSettings, destina
     for warning in extra["warnings"]:
         logger.warning(warning)
     logger.info("%s -> %s: %s", extra["chosen"], extra["copied"], extra["reason"])
+    for earlier in extra.get("removed", []):
+        logger.info("removed %s, the checkpoint an earlier selection copied there", earlier)
     return result

@@ -1,0 +1,64 @@
+"""Fast paths of repeated commands (issue 18): `--help` imports no heavy package, a second demo
+rewrites none of its inputs, and the shared local server is found, or ignored when stale."""
+
+import os
+import subprocess
+import sys
+
+from likeness.deployments import local_server
+
+HEAVY = ("torch", "prefect", "diffusers", "transformers", "pandas")
+
+
+def test_help_imports_no_heavy_package():
+    code = ("import sys\nfrom likeness.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "likeness" in out and out.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_a_second_demo_rewrites_none_of_its_inputs(tmp_path, tiny_model_dirs):
+    from likeness.demo_data import write_demo_photos
+    from likeness.models.tiny import save_tiny_models
+
+    models = tiny_model_dirs.sdxl.parent
+    photos = write_demo_photos(tmp_path / "photos", seed=1, counts={"person": 2, "regularization": 2})
+
+    def mtimes():
+        files = [p for p in models.rglob("*") if p.is_file()] + [p for ps in photos.values() for p in ps]
+        return {p: p.stat().st_mtime_ns for p in files}
+
+    before = mtimes()
+    save_tiny_models(models, seed=0)
+    write_demo_photos(tmp_path / "photos", seed=1, counts={"person": 2, "regularization": 2})
+    assert mtimes() == before
+
+
+def test_the_recorded_server_is_used_only_while_it_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_server, "healthy", lambda host, port: port == 4321)
+    assert local_server.read_state(tmp_path) is None
+    local_server.write_state("127.0.0.1", 4321, os.getpid(), tmp_path)
+    assert local_server.read_state(tmp_path)["url"] == "http://127.0.0.1:4321/api"
+    local_server.write_state("127.0.0.1", 4322, os.getpid(), tmp_path)  # a server that died: not used
+    assert local_server.read_state(tmp_path) is None
+    local_server.clear_state(os.getpid() + 1, tmp_path)  # another process's record stays
+    assert (local_server.state_dir(tmp_path) / "server.json").is_file()
+    local_server.clear_state(os.getpid(), tmp_path)
+    assert not (local_server.state_dir(tmp_path) / "server.json").exists()
+
+
+def test_the_keeper_counts_live_clients_and_forgets_dead_ones(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    local_server.register_client(tmp_path)
+    local_server.register_client(tmp_path, pid=int(dead.stdout))
+    assert local_server.live_clients(tmp_path) == 1
+    assert [p.name for p in (local_server.state_dir(tmp_path) / "clients").iterdir()] == [str(os.getpid())]
+
+
+def test_a_prefect_profile_with_an_api_url_or_off_keeps_the_shared_server_out(tmp_path, monkeypatch):
+    (tmp_path / "profiles.toml").write_text('active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://box:4200/api"\n')
+    assert local_server.profile_api_url(tmp_path) == "http://box:4200/api"
+    monkeypatch.setenv("LIKENESS_SERVER", "off")
+    assert not local_server.enabled()
+    monkeypatch.setenv("LIKENESS_SERVER", "auto")
+    assert local_server.enabled()
