@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from likeness.errors import BadInputError
 from likeness.profiles import SettingsError, validate_settings
 from likeness.settings import Settings
 
@@ -115,7 +116,7 @@ SCHEDULERS = {"CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS"}
 PROMPT_SOURCES = {"concept": "text_file", "sample": "per_image", "filename": "filename"}
 
 
-class OneTrainerImportError(ValueError):
+class OneTrainerImportError(BadInputError, ValueError):
     """The config cannot be imported at all (wrong model type, training method, version, JSON)."""
 
 

@@ -98,7 +98,7 @@ def test_bf16_export_matches_the_bf16_cast_source(source, tmp_path):
     pipe, folder, _ = source
     path = save_single_file(pipe, tmp_path / "bf16.safetensors", INFO, dtype="bfloat16")
     assert {t.dtype for t in load_file(str(path)).values()} == {torch.bfloat16}
-    assert_same_weights(pipe, load_back(path, folder, torch_dtype=torch.bfloat16), cast=torch.bfloat16)
+    assert_same_weights(pipe, load_back(path, folder, dtype=torch.bfloat16), cast=torch.bfloat16)
     assert load_checkpoint_metadata(path).dtype == "bfloat16"
 
 
