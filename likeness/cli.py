@@ -105,9 +105,11 @@ def import_onetrainer_command(
     header = [f"Imported from {config} by `likeness import-onetrainer`."]
     if result.warnings:
         header += ["Not imported (OneTrainer settings likeness does not support):", *(f"  {w}" for w in result.warnings)]
+    if result.cautions:
+        header += ["Imported as they were, but check (docs/onetrainer.md):", *(f"  {c}" for c in result.cautions)]
     header += ["Concept roles (OneTrainer has none: check them):", *(f"  {n}" for n in result.notes)]
     write_profile(result.settings, output, "\n".join(header))
-    for warning in result.warnings:
+    for warning in result.warnings + result.cautions:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     for note in result.notes:
         typer.echo(note)
