@@ -55,7 +55,7 @@ def pipeline(settings: Settings) -> PipelineResult:
     prepare(settings)
     trained = train(settings)
     checkpoints = [c.path for c in trained.checkpoints]
-    logger.info("trained: %s", trained.summary())
+    logger.info("trained: %s", trained.summary(), extra=UI_ONLY)  # the train task said it already
     evaluated = evaluate(settings, checkpoints=[str(p) for p in checkpoints])
     selected = read_eval_table(select(settings))["extra"]
     grids = read_eval_table(evaluated["grid"])["extra"]["grids"]
