@@ -31,7 +31,9 @@ QUIET_ENVIRONMENT = {
     "DIFFUSERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
-ALWAYS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# The temporary server of a run without PREFECT_API_URL: Prefect gives it 20 s to start, which a
+# busy 2-core machine misses (a traceback before any work).
+ALWAYS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 LIBRARY_LOGGERS = ("transformers", "diffusers", "huggingface_hub", "accelerate", "py.warnings")
 DEBUG_LOGGER = "likeness.library"
 # A record with `extra={"console": False}` goes to the Prefect UI but not to this terminal (the CLI
