@@ -193,8 +193,11 @@ def _run_prepare(profile: str, run):
     import prefect  # noqa: F401  (configures its logging, whose terminal handler gets the filter)
 
     quiet_prefect_console(debug)
+    from likeness.stages import run_profile
+
     try:
-        return run()
+        with run_profile(profile):  # error hints (and the UI's state message) name the profile typed
+            return run()
     except BadInputError as exc:
         _fail(str(exc).replace("<profile>", profile), exc)
 
