@@ -190,7 +190,7 @@ def _run_prepare(profile: str, run):
     """Run a flow with a quiet terminal; a problem with the data or settings exits 2 with its message."""
     debug = debug_enabled()
     quiet_libraries(debug)
-    import prefect  # noqa: F401  (configures its logging, whose terminal handler gets the filter)
+    from prefect import flow  # noqa: F401  (`import prefect` alone does not yet configure its logging)
 
     quiet_prefect_console(debug)
     from likeness.stages import run_profile
