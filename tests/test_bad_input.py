@@ -135,3 +135,24 @@ def test_broken_folder_fits_a_screen(prepare_settings, tmp_path):
         assert output.count(name) == 1, (name, output)
     run = last_flow_run("prepare")
     assert run.state.is_failed() and all(name in run.state.message for name in bad)
+
+
+def test_console_filter_keeps_likeness_lines_and_drops_the_echoes():
+    from likeness.stages import MissingStageError
+    from likeness.terminal import UI_ONLY, ConsoleFilter, report_cleanly
+
+    def record(message, exc=None, **extra):
+        made = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, message, None,
+                                 (type(exc), exc, None) if exc else None)
+        made.__dict__.update(extra)
+        return made
+
+    keep = ConsoleFilter().filter
+    assert keep(record("resize: 4 / 20 images"))
+    assert not keep(record("pipeline done: ...", **UI_ONLY))
+    exc = MissingStageError("masks", "resize", __import__("pathlib").Path("resize.json"))
+    assert not keep(record("Task run failed with exception", exc))
+    assert not keep(record("Finished in state Failed('Task run encountered an exception MissingStageError: x')"))
+    report_cleanly("line one\nline two")
+    assert not keep(record("Finished in state Failed('line one\\nline two')"))
+    assert keep(record("Finished in state Failed('Task run encountered an exception OSError: disk full')"))
