@@ -267,6 +267,7 @@ def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParamet
 
 
 @flow(name="likeness-compare-faces", log_prints=True)
+@fails_cleanly
 def run_compare_faces(reference: str, images: list[str], output: str | None = None, profile: str | None = "demo-cpu",
                       settings: Settings | None = None, overrides: list[str] | None = None) -> None:
     """Score any images against the person's photos by face identity: a table and a contact sheet.
