@@ -24,6 +24,7 @@ from likeness.deployments.summary import publish_summary
 from likeness.profiles import apply_override, load_profile, profile_data, validate_settings
 from likeness.settings import Settings
 from likeness.stages import run_profile
+from likeness.tasks.common import fails_cleanly
 from likeness.tasks.watch import DATASET_CHANGED, fingerprint_concepts, record_trained
 
 StageName = Literal["generate", "scan", "resize", "masks", "captions", "balance", "manifest", "latents"]
@@ -163,6 +164,7 @@ OverridesParameter = list[str] | None
 
 
 @flow(name="likeness-pipeline", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_pipeline(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                  overrides: OverridesParameter = None) -> State:
@@ -181,6 +183,7 @@ def run_pipeline(profile: ProfileParameter = "demo-cpu", settings: SettingsParam
 
 
 @flow(name="likeness-prepare", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_prepare(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                 overrides: OverridesParameter = None) -> None:
@@ -191,6 +194,7 @@ def run_prepare(profile: ProfileParameter = "demo-cpu", settings: SettingsParame
 
 
 @flow(name="likeness-stage", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_stage(stage: StageName = "scan", profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
               overrides: OverridesParameter = None) -> None:
@@ -211,6 +215,7 @@ class CrashedTooOftenError(RuntimeError):
 
 
 @flow(name="likeness-train", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_train(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
               overrides: OverridesParameter = None, resumes: int = 0) -> None:
@@ -240,6 +245,7 @@ def check_resumes(resumes: int, limit: int) -> None:
 
 
 @flow(name="likeness-evaluate", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_evaluate(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                  overrides: OverridesParameter = None) -> None:
@@ -250,6 +256,7 @@ def run_evaluate(profile: ProfileParameter = "demo-cpu", settings: SettingsParam
 
 
 @flow(name="likeness-select", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                overrides: OverridesParameter = None) -> None:
@@ -260,6 +267,7 @@ def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParamet
 
 
 @flow(name="likeness-compare-faces", log_prints=True)
+@fails_cleanly
 def run_compare_faces(reference: str, images: list[str], output: str | None = None, profile: str | None = "demo-cpu",
                       settings: Settings | None = None, overrides: list[str] | None = None) -> None:
     """Score any images against the person's photos by face identity: a table and a contact sheet.
@@ -276,6 +284,7 @@ def run_compare_faces(reference: str, images: list[str], output: str | None = No
 
 
 @flow(name="likeness-watch", log_prints=True)
+@fails_cleanly
 @form_parameters
 def run_watch(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
               overrides: OverridesParameter = None) -> None:

@@ -20,7 +20,7 @@ from prefect import flow
 
 from likeness.settings import Settings
 from likeness.stages import StageResult
-from likeness.tasks.common import run_stage
+from likeness.tasks.common import fails_cleanly, run_stage
 from likeness.tasks.compare_faces import FaceComparison, compare_faces_task
 from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, generate_grid
 from likeness.tasks.evaluate.scores import score_checkpoints
@@ -29,6 +29,7 @@ from likeness.workspace import Workspace
 
 
 @flow(name="evaluate", log_prints=True)
+@fails_cleanly
 def evaluate(settings: Settings, checkpoints: list[str] | None = None) -> dict[str, StageResult]:
     """Grid and scores of the given checkpoints (default: every checkpoint in workspace/save)."""
     ws = Workspace.from_settings(settings)
@@ -42,6 +43,7 @@ def evaluate(settings: Settings, checkpoints: list[str] | None = None) -> dict[s
 
 
 @flow(name="compare-faces", log_prints=True)
+@fails_cleanly
 def compare_faces(settings: Settings, reference: str, images: list[str], output: str | None = None) -> FaceComparison:
     """Face identity of any images (ours, A1111's, ComfyUI's) against the person's photos in `reference`:
     a table and a contact sheet with the face boxes, in `output` (default: workspace/faces)."""
@@ -53,6 +55,7 @@ def compare_faces(settings: Settings, reference: str, images: list[str], output:
 
 
 @flow(name="select", log_prints=True)
+@fails_cleanly
 def select(settings: Settings) -> StageResult:
     """Pick one checkpoint from the scores `evaluate` wrote and copy it to settings.output_destination."""
     ws = Workspace.from_settings(settings)

@@ -21,6 +21,8 @@ from likeness.flows.evaluate import evaluate, select
 from likeness.flows.prepare import prepare
 from likeness.flows.train import train
 from likeness.settings import Settings
+from likeness.tasks.common import fails_cleanly
+from likeness.terminal import UI_ONLY
 from likeness.tasks.evaluate.grid import read_eval_table
 
 
@@ -46,20 +48,21 @@ class PipelineResult:
 
 
 @flow(name="pipeline", log_prints=True)
+@fails_cleanly
 def pipeline(settings: Settings) -> PipelineResult:
     """Prepare the photos, train, evaluate every checkpoint, select the best one."""
     logger = get_run_logger()
     prepare(settings)
     trained = train(settings)
     checkpoints = [c.path for c in trained.checkpoints]
-    logger.info("trained: %s", trained.summary())
+    logger.info("trained: %s", trained.summary(), extra=UI_ONLY)  # the train task said it already
     evaluated = evaluate(settings, checkpoints=[str(p) for p in checkpoints])
     selected = read_eval_table(select(settings))["extra"]
     grids = read_eval_table(evaluated["grid"])["extra"]["grids"]
     result = PipelineResult(chosen=Path(selected["copied"]), source=Path(selected["source"]),
                             reason=selected["reason"], report=Path(selected["report"]),
                             grids=[Path(g) for g in grids], checkpoints=checkpoints)
-    logger.info("pipeline done:\n%s", result.summary())
+    logger.info("pipeline done:\n%s", result.summary(), extra=UI_ONLY)  # the CLI prints it
     return result
 
 

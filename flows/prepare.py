@@ -21,7 +21,7 @@ from likeness.settings import Settings
 from likeness.stages import PREVIOUS, StageResult, upstream
 from likeness.tasks.balance import balance_concepts
 from likeness.tasks.captions import write_captions
-from likeness.tasks.common import run_stage, workers
+from likeness.tasks.common import fails_cleanly, run_stage, workers
 from likeness.tasks.generate import generate_regularization
 from likeness.tasks.latents import cache_latents
 from likeness.tasks.manifest import write_manifest
@@ -73,6 +73,7 @@ STAGES = {"generate": generate, "scan": scan, "resize": resize, "masks": masks, 
 
 
 @flow(name="prepare", log_prints=True)
+@fails_cleanly
 def prepare(settings: Settings) -> dict[str, StageResult]:
     """Generate regularization images, scan, resize, mask, caption, balance, write the manifest and cache the latents."""
     ws = Workspace.from_settings(settings)
@@ -90,6 +91,7 @@ def prepare(settings: Settings) -> dict[str, StageResult]:
 
 
 @flow(name="prepare-stage", log_prints=True)
+@fails_cleanly
 def prepare_stage(settings: Settings, stage: StageName) -> StageResult:
     """Run one prepare stage alone on what the earlier stages left in the workspace."""
     ws = Workspace.from_settings(settings)

@@ -18,7 +18,7 @@ import sys
 from prefect import flow, get_run_logger
 
 from likeness.settings import Settings
-from likeness.tasks.common import transient
+from likeness.tasks.common import fails_cleanly, transient
 from likeness.tasks.train import publish_training_report, train_model
 from likeness.tasks.watch import dataset_to_train, record_trained_dataset
 from likeness.trainer.loop import TrainResult
@@ -27,6 +27,7 @@ from likeness.workspace import Workspace
 
 
 @flow(name="train", log_prints=True)
+@fails_cleanly
 def train(settings: Settings) -> TrainResult:
     """Fine-tune on the prepared dataset; publish the loss curve and table."""
     ws = Workspace.from_settings(settings)

@@ -14,10 +14,12 @@ from __future__ import annotations
 from prefect import flow
 
 from likeness.settings import Settings
+from likeness.tasks.common import fails_cleanly
 from likeness.tasks.watch import announce_change, fingerprint_dataset
 
 
 @flow(name="watch-dataset", log_prints=True)
+@fails_cleanly
 def watch_dataset(settings: Settings) -> dict[str, object]:
     """Check the concept folders once; emit `likeness.dataset.changed` if they differ from the last training."""
     check = fingerprint_dataset(settings)

@@ -7,18 +7,54 @@ inside the commands that need them, so `--help` is instant.
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+from likeness.errors import DEBUG_VARIABLE, BadInputError, debug_enabled
+from likeness.terminal import quiet_environment, quiet_libraries, quiet_prefect_console
+
+
+class _Commands(TyperGroup):
+    """`--debug` anywhere on the line; bad input (any `BadInputError`) answered by its message and exit 2."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--debug" in args:
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BadInputError as exc:
+            _fail(str(exc), exc)
 
 
 app = typer.Typer(
+    cls=_Commands,
     help="Photos of a person in, the best fine-tuned SDXL checkpoint out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", envvar=DEBUG_VARIABLE,
+                                        help="Show tracebacks and library output (also LIKENESS_DEBUG=1).")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # the flows (and their subprocesses) read it too
+    quiet_environment(debug_enabled())  # before torch, diffusers or prefect are imported
+    if ctx.invoked_subcommand in FLOW_COMMANDS:
+        _use_local_server()
 
 ProfileOption = Annotated[str, typer.Option("--profile", "-p", help="Profile name (see `likeness profiles`) or TOML path.")]
 SetOption = Annotated[
@@ -33,10 +69,13 @@ def _settings(profile: str, overrides: list[str] | None):
     try:
         return load_profile(profile, overrides or [])
     except SettingsError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exc: BaseException | None = None) -> None:
+    """The message once, in red, exit 2; the traceback too with --debug."""
+    if exc is not None and debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -70,13 +109,15 @@ def import_onetrainer_command(
     try:
         result = import_onetrainer(config)
     except OneTrainerImportError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc)
     header = [f"Imported from {config} by `likeness import-onetrainer`."]
     if result.warnings:
         header += ["Not imported (OneTrainer settings likeness does not support):", *(f"  {w}" for w in result.warnings)]
+    if result.cautions:
+        header += ["Imported as they were, but check (docs/onetrainer.md):", *(f"  {c}" for c in result.cautions)]
     header += ["Concept roles (OneTrainer has none: check them):", *(f"  {n}" for n in result.notes)]
     write_profile(result.settings, output, "\n".join(header))
-    for warning in result.warnings:
+    for warning in result.warnings + result.cautions:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     for note in result.notes:
         typer.echo(note)
@@ -91,6 +132,7 @@ def tiny_models(
     """Build tiny SDXL, SD 1.5, CLIPSeg, DINO and CLIP models with random weights (no download), for tests and the demo."""
     from likeness.models.tiny import save_tiny_models, save_tiny_sd15
 
+    quiet_libraries(debug_enabled())
     built = save_tiny_models(output, seed=seed)
     sd15 = save_tiny_sd15(output, seed=seed)
     typer.echo(f"SDXL pipeline:   {built.sdxl}\nSD 1.5 pipeline: {sd15}\nCLIPSeg:         {built.clipseg}\n"
@@ -106,7 +148,7 @@ def demo(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     try:
         result = _run_prepare(profile, lambda: run_demo(settings, echo=typer.echo))
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc)
     typer.echo(result.summary())
 
 
@@ -153,32 +195,29 @@ def train(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
 
 
 def _run_prepare(profile: str, run):
-    """Run a prepare flow; a problem with the data or settings exits 2 with its message."""
-    from likeness.stages import PrepareError
+    """Run a flow with a quiet terminal; a problem with the data or settings exits 2 with its message."""
+    debug = debug_enabled()
+    quiet_libraries(debug)
+    from prefect import flow  # noqa: F401  (`import prefect` alone does not yet configure its logging)
+
+    quiet_prefect_console(debug)
+    from likeness.stages import run_profile
 
     try:
-        return run()
-    except PrepareError as exc:
-        _fail(str(exc).replace("<profile>", profile))
+        with run_profile(profile):  # error hints (and the UI's state message) name the profile typed
+            return run()
+    except BadInputError as exc:
+        _fail(str(exc).replace("<profile>", profile), exc)
 
 
 # Commands that run flows: they connect to the shared local server before Prefect is imported.
 FLOW_COMMANDS = {"demo", "run", "prepare", "stage", "train", "evaluate", "select", "watch"}
 
 
-@app.callback()
-def _before_command(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand in FLOW_COMMANDS:
-        _use_local_server()
-
-
 def _use_local_server() -> None:
     """Point this command at the shared local Prefect server (started once, kept while used; see
     deployments/local_server.py) instead of a temporary one per command, unless PREFECT_API_URL is
     set, LIKENESS_SERVER=off, or Prefect is already configured in this process (tests)."""
-    import os
-    import sys
-
     from likeness.deployments import local_server
 
     if not local_server.enabled() or os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
@@ -259,12 +298,8 @@ def server(
 def watch(profile: ProfileOption = "demo-cpu", set_: SetOption = None) -> None:
     """Check the concept folders once: announce a retraining if they changed since the last training."""
     from likeness.flows.watch import watch_dataset
-    from likeness.tasks.watch import FingerprintError
 
-    try:
-        result = watch_dataset(_settings(profile, set_))
-    except FingerprintError as exc:
-        _fail(str(exc))
+    result = _run_prepare(profile, lambda: watch_dataset(_settings(profile, set_)))
     state = "changed since the last training" if result["changed"] else "unchanged since the last training"
     typer.echo(f"dataset {result['fingerprint'][:12]}: {state} ({result['files']} files, {result['hashed']} hashed)"
                + ("; retraining announced" if result["announced"] else ""))
@@ -295,7 +330,7 @@ def tensorboard_command(
         try:
             require_tensorboard()
         except TensorBoardMissing as exc:
-            _fail(str(exc))
+            _fail(str(exc), exc)
         typer.echo(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops)")
         try:
             subprocess.run(command, check=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from likeness.errors import BadInputError
 from likeness.profiles import SettingsError, validate_settings
 from likeness.settings import Settings
 
@@ -115,7 +116,7 @@ SCHEDULERS = {"CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS"}
 PROMPT_SOURCES = {"concept": "text_file", "sample": "per_image", "filename": "filename"}
 
 
-class OneTrainerImportError(ValueError):
+class OneTrainerImportError(BadInputError, ValueError):
     """The config cannot be imported at all (wrong model type, training method, version, JSON)."""
 
 
@@ -124,6 +125,7 @@ class ImportResult:
     settings: Settings
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)  # imported as is, but likely not what the user wants
 
 
 def import_onetrainer(path: str | Path) -> ImportResult:
@@ -154,7 +156,20 @@ def import_onetrainer(path: str | Path) -> ImportResult:
         settings = validate_settings(out, source=f"settings imported from {path}")
     except SettingsError as exc:
         raise OneTrainerImportError(str(exc)) from None
-    return ImportResult(settings, warnings, notes)
+    return ImportResult(settings, warnings, notes, cautions(settings))
+
+
+def cautions(settings: Settings) -> list[str]:
+    """Imported settings that work against the run (docs/onetrainer.md)."""
+    bf16 = [part for part in ("unet", "text_encoder", "text_encoder_2")
+            if getattr(settings.training, part).train and getattr(settings.training, part).weight_dtype == "bfloat16"]
+    if settings.optimizer.stochastic_rounding or not bf16:
+        return []
+    rate = settings.training.unet.learning_rate or settings.optimizer.learning_rate
+    return [f"optimizer.stochastic_rounding = false with bfloat16 weights ({', '.join(bf16)}): rounding each "
+            f"update to the nearest bf16 value drops most updates at learning rates like "
+            f"{rate:g} (about 60 % of the weights never move in 300 steps); "
+            "likeness's default is true: --set optimizer.stochastic_rounding=true (docs/onetrainer.md)"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from likeness.content import HashIndex, bytes_digest, file_digest
+from likeness.errors import BadInputError
 from likeness.files import write_atomic
 from likeness.workspace import Workspace
 
@@ -57,7 +58,7 @@ def rerun_hint(command: str) -> str:
     return f"likeness {command} --profile {RUN_PROFILE.get()}"
 
 
-class PrepareError(Exception):
+class PrepareError(BadInputError):
     """A problem with the user's data or settings: retrying will not help, fixing the input will."""
 
 

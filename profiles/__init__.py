@@ -20,11 +20,12 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
+from likeness.errors import BadInputError
 from likeness.files import write_atomic
 from likeness.settings import Settings
 
 
-class SettingsError(ValueError):
+class SettingsError(BadInputError, ValueError):
     """Invalid settings: one line per problem, each naming its field path."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None):

@@ -11,22 +11,28 @@ content and a stage version; never mtimes or run ids. Results are persisted in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
-from tqdm.auto import tqdm
+from prefect.states import Failed
 
 from likeness.content import HashIndex
+from likeness.errors import BadInputError, debug_enabled
 from likeness.settings import Settings
 from likeness.stages import PrepareError, Progress, StageResult, outputs_intact
+from likeness.terminal import UI_ONLY, report_cleanly
 from likeness.workspace import Workspace
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -53,7 +59,7 @@ def transient(task: Task, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except PERMANENT as exc:
-        _logger().error("not retried (%s): fix the input it names, then run again", type(exc).__name__)
+        _logger().info("not retried (%s): fix the input it names, then run again", type(exc).__name__, extra=UI_ONLY)
         return False
     except Exception:
         return True
@@ -77,19 +83,38 @@ def workers(settings: Settings) -> int:
 
 
 def progress(stage: str) -> Progress:
-    """A terminal progress bar (when stderr is a terminal) and a Prefect log line every 10 %."""
-    logger, bar, logged = get_run_logger(), tqdm(desc=stage, unit="img", disable=None), [-1]
+    """A Prefect log line every 10 % (the terminal shows it too: one progress display, not a bar beside it)."""
+    logger, logged = get_run_logger(), [-1]
 
     def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
         tenth = done * 10 // max(total, 1)
         if tenth > logged[0]:
             logged[0] = tenth
             logger.info("%s: %d / %d images", stage, done, total)
-        if done >= total:
-            bar.close()
     return update
+
+
+def fails_cleanly(flow_fn: F) -> F:
+    """For flow bodies (under `@flow`): bad input ends the run Failed with its message, no traceback.
+
+    The state message is the error's own message (the UI shows it as is), Prefect logs no
+    traceback for it, and the caller (a parent flow, the CLI) gets the same exception raised again.
+    With `--debug` / `LIKENESS_DEBUG=1` the error propagates as any other, traceback and all.
+    """
+    @functools.wraps(flow_fn)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return flow_fn(*args, **kwargs)
+        except BadInputError as exc:
+            if debug_enabled():
+                raise
+            report_cleanly(str(exc))
+            return Failed(message=str(exc), data=exc)
+    # Prefect builds the parameter model from the signature: resolve the annotations where the flow
+    # was written (this module's globals do not know e.g. `StageName`).
+    body.__signature__ = inspect.signature(flow_fn, eval_str=True)  # type: ignore[attr-defined]
+    body.__annotations__ = {**flow_fn.__annotations__, **typing.get_type_hints(flow_fn)}
+    return body  # type: ignore[return-value]
 
 
 def run_stage(stage_task: Task, settings: Settings, ws: Workspace, /, **inputs: Any) -> StageResult:

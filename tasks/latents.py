@@ -124,10 +124,10 @@ def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: 
     else:
         if Path(base).is_dir():
             (check_diffusers_sd15_folder if family == "sd15" else check_diffusers_sdxl_folder)(Path(base))
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32) if need_vae else None
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32) if need_vae else None
         classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
         text = {p: (AutoTokenizer.from_pretrained(base, subfolder=ENCODERS[p][1]),
-                    classes[p].from_pretrained(base, subfolder=p, torch_dtype=dtypes[p])) for p in parts}
+                    classes[p].from_pretrained(base, subfolder=p, dtype=dtypes[p])) for p in parts}
     if vae is not None:
         vae = vae.to(resolved).eval()  # loaded in float32
     text = {p: (tok, enc.to(resolved).eval()) for p, (tok, enc) in text.items()}

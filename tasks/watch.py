@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from likeness.content import digest_parts, file_digest
+from likeness.errors import BadInputError
 from likeness.files import write_atomic
 from likeness.settings import Concept, Settings
 from likeness.tasks.common import transient
@@ -38,7 +39,7 @@ from likeness.tasks.common import transient
 FINGERPRINT_VERSION = 1
 
 
-class FingerprintError(ValueError):
+class FingerprintError(BadInputError, ValueError):
     """A concept folder cannot be fingerprinted (missing, not a folder): fix the concept's path."""
 
 

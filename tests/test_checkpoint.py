@@ -91,14 +91,15 @@ def test_text_projection_is_stored_transposed_and_loads_back(source):
 
 def test_round_trip_generates_the_same_image(source):
     pipe, folder, path = source
-    np.testing.assert_array_equal(generate(load_back(path, folder)), generate(pipe))
+    # bit-identical weights (above); outputs of separately loaded models may differ in the last digits
+    np.testing.assert_allclose(generate(load_back(path, folder)), generate(pipe), rtol=0, atol=1e-4)
 
 
 def test_bf16_export_matches_the_bf16_cast_source(source, tmp_path):
     pipe, folder, _ = source
     path = save_single_file(pipe, tmp_path / "bf16.safetensors", INFO, dtype="bfloat16")
     assert {t.dtype for t in load_file(str(path)).values()} == {torch.bfloat16}
-    assert_same_weights(pipe, load_back(path, folder, torch_dtype=torch.bfloat16), cast=torch.bfloat16)
+    assert_same_weights(pipe, load_back(path, folder, dtype=torch.bfloat16), cast=torch.bfloat16)
     assert load_checkpoint_metadata(path).dtype == "bfloat16"
 
 

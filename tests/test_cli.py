@@ -1,10 +1,12 @@
 """The `likeness` command as a user meets it: the installed console script and its commands."""
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from likeness.cli import app
@@ -54,3 +56,23 @@ def test_import_onetrainer_refuses_lora(tmp_path):
     result = runner.invoke(app, ["import-onetrainer", str(config), "-o", str(tmp_path / "x.toml")])
     assert result.exit_code == 2 and "training_method 'LORA' is not supported" in result.output
     assert not (tmp_path / "x.toml").exists()
+
+
+# Library output the demo's terminal must not show (issue 11): bars, deprecation and fallback notices,
+# the temporary server's telemetry, tracebacks.
+NOISE = ("Loading weights", "Loading pipeline components", "Writing model shards", "torch_dtype", "kept in float32",
+         "torchvision", "Failed to send telemetry", "Traceback", "FutureWarning", "UserWarning", "DeprecationWarning")
+
+
+@pytest.mark.slow
+def test_demo_terminal_shows_only_likeness_lines_each_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "LIKENESS_DEBUG"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "COLUMNS": "200"}  # its own temporary server, as a user's
+    done = subprocess.run([sys.executable, "-m", "likeness", "demo", "--set", "training.epochs=2",
+                           "--set", "evaluation.seeds_per_prompt=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert [noise for noise in NOISE if noise in output] == [], output
+    assert output.count("chosen checkpoint:") == 1 and output.count("all checkpoints:") == 1, output
+    assert output.count("train: ") == 1 and "[demo] done in" in output, output

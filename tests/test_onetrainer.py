@@ -169,3 +169,17 @@ def test_tag_shuffling_maps_to_the_caption_source(tmp_path, reference):
     assert result.warnings == []
     assert (caption.shuffle_tags, caption.tag_delimiter, caption.keep_tags) == (True, ";", 2)
     assert not result.settings.concepts[1].caption.shuffle_tags
+
+
+def test_stochastic_rounding_off_with_bf16_weights_is_a_caution(tmp_path, reference):
+    result = import_onetrainer(write(tmp_path, reference))  # the guide's run: bf16 weights, rounding off
+    assert not result.settings.optimizer.stochastic_rounding  # imported as it was...
+    (caution,) = result.cautions  # ...but said once, with the setting that fixes it
+    assert "bfloat16 weights (unet, text_encoder)" in caution and "optimizer.stochastic_rounding=true" in caution
+    config = copy.deepcopy(reference)
+    config["optimizer"]["stochastic_rounding"] = True
+    assert import_onetrainer(write(tmp_path, config)).cautions == []
+    config["optimizer"]["stochastic_rounding"] = False
+    for part in ("unet", "text_encoder"):
+        config[part]["weight_dtype"] = "FLOAT_32"
+    assert import_onetrainer(write(tmp_path, config)).cautions == []

@@ -107,6 +107,11 @@ def test_two_step_generation_is_seeded(pipe, name):
     assert not np.array_equal(pixels(first), pixels(other))
 
 
+def assert_same_pixels(a, b) -> None:
+    """Equal up to one 8-bit level: another code path (diffusers' own loop, another batch) rounds differently."""
+    assert int(np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max()) <= 1
+
+
 def test_generation_equals_the_diffusers_pipeline_given_the_same_scheduler(pipe):
     ours = generate(pipe, [PROMPT], [NEGATIVE], [3], steps=2, cfg=5.0, sampler="EULER", resolution=64)[0]
     original = pipe.scheduler
@@ -116,13 +121,13 @@ def test_generation_equals_the_diffusers_pipeline_given_the_same_scheduler(pipe)
                       width=64, generator=torch.Generator().manual_seed(3)).images[0]
     finally:
         pipe.scheduler = original
-    np.testing.assert_array_equal(pixels(ours), pixels(theirs))
+    assert_same_pixels(ours, theirs)
 
 
 def test_an_image_does_not_depend_on_its_batch(pipe):
     both = generate(pipe, ["a man in a black suit", PROMPT], None, [8, 9], steps=2, sampler="EULER_A", resolution=64)
     alone = generate(pipe, [PROMPT], None, [9], steps=2, sampler="EULER_A", resolution=64)
-    np.testing.assert_array_equal(pixels(both[1]), pixels(alone[0]))
+    assert_same_pixels(both[1], alone[0])  # other batch shapes pick other kernels: last-digit differences
 
 
 def test_training_state_and_scheduler_come_back(pipe):

@@ -198,7 +198,8 @@ def test_generate_works_with_sd15_and_is_reproducible(sd15):
     first = generate(sd15, ["photo of ohwx man", "photo of ohwx man"], ["", ""], [1, 2], **args)
     again = generate(sd15, ["photo of ohwx man"], [""], [1], **args)
     assert first[0].size == (64, 64)
-    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    # batch of 2 vs batch of 1: other kernels, so equal up to one 8-bit level
+    assert int(np.abs(np.asarray(first[0]).astype(int) - np.asarray(again[0]).astype(int)).max()) <= 1
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
     assert not sd15.unet.training
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from likeness.errors import BadInputError
 from likeness.settings import Settings
 from likeness.workspace import Workspace
 
@@ -29,7 +30,7 @@ INSTALL_HINT = "pip install 'likeness[tensorboard]' (or pip install tensorboard)
 DEFAULT_PORT = 6006
 
 
-class TensorBoardMissing(ImportError):
+class TensorBoardMissing(BadInputError, ImportError):
     """The tensorboard package is not installed; the message says how to install it."""
 
 

@@ -147,7 +147,7 @@ def _hub_kwargs(torch_dtype: torch.dtype | None, local_files_only: bool | None) 
     """Only the options given: None keeps each library's default (HF_HUB_OFFLINE still applies)."""
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers and transformers 5 deprecate `torch_dtype=`
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     return kwargs
