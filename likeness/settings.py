@@ -193,6 +193,9 @@ class ResizeSettings(Section):
     background: str = Field("white", min_length=1, description="Padding colour (a Pillow colour name or #rrggbb).")
     min_side: int = Field(512, ge=1, description="Images with a smaller side are reported (warning).")
     image_format: Literal["png", "webp"] = Field("png", description="Prepared images are written lossless.")
+    pad_time_ids: Literal["padded", "original"] = Field(
+        "padded", description="SDXL size conditioning of padded images (mode pad): padded = the padded square, time ids (T, T, 0, 0, T, T), as OneTrainer trains on pre-padded files and as every inference client generates; original = the photo's original size and the paste offset as crop, e.g. (4000, 3000, 0, 128, T, T) (the pre-issue-11 behaviour).",
+    )
 
 
 class MaskSettings(Section):
