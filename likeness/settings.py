@@ -206,7 +206,7 @@ class MaskSettings(Section):
     smooth: int = Field(5, ge=0, description="Box blur radius at model resolution.")
     expand: int = Field(10, ge=0, description="Grow the mask by this many pixels.")
     alpha: float = Field(1.0, gt=0, le=1, description="Opacity (0-1) written into the mask; 1 keeps a hard mask (OneTrainer mask tool: alpha).")
-    mode: Literal["replace", "fill"] = Field("replace", description="fill keeps a mask the user drew.")
+    mode: Literal["replace", "fill"] = Field("fill", description="fill: keep each mask you drew (<stem>-masklabel.png beside the photo) and generate the others (OneTrainer's mask tool default); replace: generate every mask, ignoring drawn ones.")
     batch_size: int = Field(8, ge=1, description="Images per CLIPSeg batch; reference 8.")
 
 

@@ -312,9 +312,16 @@ def _check_mask(row: Row, report: ScanReport) -> None:
     except (OSError, SyntaxError, ValueError):
         report.add("error", "corrupt-mask", row["mask_source"], "the mask cannot be read: redraw or remove it")
         return
-    if size != (row["width"], row["height"]):
+    photo = (row["width"], row["height"])
+    if size != photo and not same_aspect(size, photo):
         report.add("error", "mask-size", row["mask_source"],
-                   f"mask is {size[0]}x{size[1]} but its image is {row['width']}x{row['height']}: redraw it at the image size")
+                   f"mask is {size[0]}x{size[1]} but its photo is {photo[0]}x{photo[1]}, another aspect ratio: "
+                   "redraw it at the photo's size (or the same aspect ratio), or remove it")
+
+
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Equal aspect ratios within a pixel of rounding (a mask drawn on a downscaled copy of the photo)."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= max(*a, *b)
 
 
 def _check_caption(row: Row, concept: Concept, report: ScanReport) -> None:

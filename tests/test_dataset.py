@@ -52,7 +52,7 @@ def bad_dataset(tmp_path, photo):
     photo(person / "clash.jpg", 3, size=(64, 64))
     photo(person / "masked.png", 3, size=(64, 64))
     (person / "masked.txt").write_text("ohwx man\n")
-    Image.new("L", (50, 50), 255).save(person / "masked-masklabel.png")
+    Image.new("L", (50, 40), 255).save(person / "masked-masklabel.png")  # 5:4 for a square photo
     photo(person / "uncaptioned.png", 4, size=(64, 64))
     (person / "broken-link.jpg").symlink_to(tmp_path / "deleted.jpg")
     reg.mkdir()
