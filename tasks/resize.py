@@ -46,7 +46,7 @@ from likeness.settings import ResizeSettings
 from likeness.stages import (ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached,
                                      write_table)
 from likeness.tasks.common import StagePolicy, progress
-from likeness.tasks.scan import ROTATING_ORIENTATIONS
+from likeness.tasks.scan import ROTATING_ORIENTATIONS, register_readers
 from likeness.workspace import Workspace
 
 RESIZE_VERSION = 3  # 2: bucket mode, width/height/bucket in the rows; 3: ImageMagick's pad offset
@@ -240,6 +240,7 @@ def _resize_to_bucket(row: Row, settings: ResizeSettings, ws: Workspace, index: 
 def resize_stage(scan: StageResult, settings: ResizeSettings, ws: Workspace, index: HashIndex,
                  progress: Progress | None = None, workers: int = 2) -> StageResult:
     """Prepare every scanned image; images whose content and settings are unchanged are reused."""
+    register_readers()  # HEIC; the scan already reported very large photos
     rows = load_rows(scan)
     records = ItemRecords(ws.item_records("resize"), index)
     keyed = item_settings(settings)

@@ -114,7 +114,7 @@ def test_scan_rows_record_content_and_displayed_size(tmp_path, photo):
     ws = Workspace(tmp_path / "ws")
     result, report = scan_stage([Concept(name="p", path=folder)], 8, ws, HashIndex(ws.hash_index))
     (row,) = load_rows(result)
-    assert not report.issues
+    assert [i.kind for i in report.issues] == ["few-photos"]  # one photo of the subject
     assert (row["width"], row["height"]) == (40, 60)  # as displayed
     assert row["source_hash"] == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert row["caption_source"].endswith("rotated.txt") and row["mask_source"] is None
