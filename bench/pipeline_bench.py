@@ -67,7 +67,7 @@ def run_plain(settings) -> None:
     resize = resize_stage(scan, s.resize, ws, index, workers=2)
     masks = masks_stage(resize, s.masks, s.concepts, ws, index, device)
     captions = captions_stage(resize, s.concepts, s.captioner, s.run.seed, ws, index, device)
-    balance, _ = balance_stage(resize, s.concepts, s.training, ws, index)
+    balance, _ = balance_stage(resize, s.concepts, s.training, ws, index, class_prior_images=s.evaluation.class_prior_images)
     manifest = manifest_stage(resize, masks, captions, balance, s.concepts, ws, index)
     latents_stage(manifest, s, ws, index, device)
     trained = train(s, log=lambda line: None)

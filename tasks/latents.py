@@ -24,9 +24,11 @@ text_encoder.train is false. The VAE's scaling factor is read from its config at
 
 `workspace/latents.csv` maps the manifest to them, one row per (image, image variation, text variation):
 id, variation (the text variation), caption, latent_path, text_path (empty when no encoder is
-frozen), image_variation, bucket (`WxH`), and SDXL's time ids: original_height/width (the photo),
-crop_top/left (bucket mode: this variation's crop in the scaled image; pad mode: the manifest's
-paste offset), target_height/width (the training size). Epoch e trains on image variation
+frozen), image_variation, bucket (`WxH`), and SDXL's time ids: original_height/width,
+crop_top/left, target_height/width (the training size). Bucket mode: the photo's size and this
+variation's crop in the scaled image. Pad mode, by default (`resize.pad_time_ids = "padded"`):
+the padded square itself, (T, T, 0, 0, T, T), as OneTrainer conditions its pre-padded files and
+as inference clients generate; with "original": the photo's size and the manifest's paste offset. Epoch e trains on image variation
 e % image_variations and text variation e % text_variations (`epoch_rows`).
 
     result = latents_stage(manifest_result, settings, ws, HashIndex(ws.hash_index))
@@ -67,6 +69,7 @@ from likeness.tasks.common import StagePolicy, progress
 from likeness.workspace import Workspace
 
 LATENTS_VERSION = 2  # 2: image variations, bucket crops, time-id columns
+INDEX_VERSION = 2  # latents.csv alone (the cached tensors are unchanged): 2: pad-mode time ids of the padded square
 
 
 def image_tensor(image: str | Path | Image.Image) -> torch.Tensor:
@@ -153,7 +156,7 @@ def fingerprints(settings: Settings, index: HashIndex) -> dict:
 def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str:
     index = HashIndex(ws.hash_index)
     key = digest_parts("latents", LATENTS_VERSION, manifest.table_digest, fingerprints(settings, index),
-                       variation_plan(settings), settings.resize.mode, str(ws.root))
+                       variation_plan(settings), settings.resize.mode, INDEX_VERSION, _pad_time_ids(settings), str(ws.root))
     index.save()
     return key
 
@@ -170,7 +173,7 @@ def latents_stage(manifest: StageResult, settings: Settings, ws: Workspace, inde
     text_rows, text_counts = _cache_captions(captions, settings, parts, prints, ws, index, device)
     text_files = {caption: row["text_file"] for caption, row in zip(captions, text_rows, strict=True)}
     outputs = {str(ws.latents_index): _write_index(ws, index, rows, items, latent_rows, text_files,
-                                                   pad=settings.resize.mode == "pad")}
+                                                   pad=_pad_time_ids(settings))}
     for row in latent_rows + text_rows:
         outputs.update(row["outputs"])
     result = write_table(ws, "latents", LATENTS_VERSION, [], counts, outputs=outputs,
@@ -235,8 +238,21 @@ def _cache_captions(captions: list[str], settings: Settings, parts: list[str], p
                       ItemRecords(ws.item_records("text"), index), settings.latents.batch_size)
 
 
+def _pad_time_ids(settings: Settings) -> str | None:
+    """"padded" or "original" in pad mode; None in bucket mode (time ids of the photo and the crop)."""
+    return settings.resize.pad_time_ids if settings.resize.mode == "pad" else None
+
+
+def time_id_values(row: Row, latent: Row, target: Bucket, pad: str | None) -> list[int]:
+    """original (h, w), crop (top, left), target (h, w) of one image variation."""
+    if pad == "padded":
+        return [target.height, target.width, 0, 0, target.height, target.width]
+    crop = (row["offset_top"], row["offset_left"]) if pad == "original" else (latent["crop_top"], latent["crop_left"])
+    return [row["original_height"], row["original_width"], *crop, target.height, target.width]
+
+
 def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], items: list[Row], latent_rows: list[Row],
-                 text_files: dict[str, str], pad: bool) -> str:
+                 text_files: dict[str, str], pad: str | None) -> str:
     """`latents.csv`: one row per (image, image variation, text variation); returns the sha256 of the file."""
     latents_by_id = defaultdict(list)
     for item, latent in zip(items, latent_rows, strict=True):
@@ -245,8 +261,7 @@ def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], items: list[R
     for row in rows:
         target = Bucket.parse(bucket_of(row))
         for image_variation, latent in sorted(latents_by_id[row["id"]], key=lambda pair: pair[0]):
-            crop = (row["offset_top"], row["offset_left"]) if pad else (latent["crop_top"], latent["crop_left"])
-            sizes = [row["original_height"], row["original_width"], *crop, target.height, target.width]
+            sizes = time_id_values(row, latent, target, pad)
             table += [{"id": row["id"], "variation": v, "caption": caption, "latent_path": latent["latent_file"],
                        "text_path": text_files.get(caption, ""), "image_variation": image_variation,
                        "bucket": target.key, **dict(zip(TIME_ID_COLUMNS, map(int, sizes), strict=True))}

@@ -1,8 +1,10 @@
 """Stage 2, resize: every image fit inside resolution x resolution and padded to exactly that.
 
 The geometry of `mogrify -resize TxT -background white -gravity center -extent TxT`: scale
-(up or down) so the longer side is T keeping the aspect ratio, sides rounded half up, then paste
-centred (offset floor((T - side) / 2)) on the background colour. Before that, EXIF orientation is
+(up or down) so the longer side is T keeping the aspect ratio, sides rounded half up
+(floor(side x scale + 0.5), as ImageMagick), then paste centred on the background colour at
+ImageMagick's `-gravity center` offset T // 2 - side // 2 (for an odd T - side that is one pixel
+more than (T - side) // 2: 1024 - 767 puts the photo at 129, not 128). Before that, EXIF orientation is
 applied and every colour mode becomes RGB (transparency composited on the background, 16-bit
 scaled to 8-bit, CMYK / P / LA / 1 / greyscale converted). JPEGs are decoded at 1/2, 1/4 or 1/8
 scale in the DCT domain when the target allows (`Image.draft`), then resampled with Lanczos.
@@ -44,10 +46,10 @@ from likeness.settings import ResizeSettings
 from likeness.stages import (ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached,
                                      write_table)
 from likeness.tasks.common import StagePolicy, progress
-from likeness.tasks.scan import ROTATING_ORIENTATIONS
+from likeness.tasks.scan import ROTATING_ORIENTATIONS, register_readers
 from likeness.workspace import Workspace
 
-RESIZE_VERSION = 2  # 2: bucket mode, width/height/bucket in the rows
+RESIZE_VERSION = 3  # 2: bucket mode, width/height/bucket in the rows; 3: ImageMagick's pad offset
 PNG_COMPRESS_LEVEL = 1  # lossless either way; at 1024 px level 1 takes ~0.1 s, level 6 ~0.4 s, for ~15% more bytes
 COPYABLE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",)}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -66,11 +68,12 @@ class Placement:
 
 
 def fit_inside(width: int, height: int, target: int) -> Placement:
-    """ImageMagick's `-resize TxT` then `-gravity center -extent TxT`."""
+    """ImageMagick's `-resize TxT` then `-gravity center -extent TxT` (checked against `convert` 6.9)."""
     scale = min(target / width, target / height)
     scaled_w = min(target, max(1, math.floor(width * scale + 0.5)))
     scaled_h = min(target, max(1, math.floor(height * scale + 0.5)))
-    return Placement(scaled_w, scaled_h, (target - scaled_w) // 2, (target - scaled_h) // 2, target)
+    # ImageMagick centres with integer halves of each side (GravityAdjustGeometry), not half the difference.
+    return Placement(scaled_w, scaled_h, target // 2 - scaled_w // 2, target // 2 - scaled_h // 2, target)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -237,6 +240,7 @@ def _resize_to_bucket(row: Row, settings: ResizeSettings, ws: Workspace, index: 
 def resize_stage(scan: StageResult, settings: ResizeSettings, ws: Workspace, index: HashIndex,
                  progress: Progress | None = None, workers: int = 2) -> StageResult:
     """Prepare every scanned image; images whose content and settings are unchanged are reused."""
+    register_readers()  # HEIC; the scan already reported very large photos
     rows = load_rows(scan)
     records = ItemRecords(ws.item_records("resize"), index)
     keyed = item_settings(settings)

@@ -1,14 +1,20 @@
 """Stage 1, scan + validate: list each concept's images and report every problem before heavy work.
 
-Images are the files with an image extension (bmp, jpg, jpeg, png, tif, tiff, webp, avif) that are
-not `*-masklabel.*` / `*-condlabel.*` labels, sorted; `include_subdirectories` recurses, skipping
-hidden files and folders (as OneTrainer does). Beside an image, `<stem>.txt` is its caption and
-`<stem>-masklabel.png` a mask the user drew.
+Images are the files with an image extension (bmp, jpg, jpeg, png, tif, tiff, webp, avif as
+OneTrainer, plus heic/heif, the iPhone's default, read with pillow-heif) that are not
+`*-masklabel.*` / `*-condlabel.*` labels, sorted; `include_subdirectories` recurses, skipping
+hidden and system files and folders (as OneTrainer does). Beside an image, `<stem>.txt` is its
+caption and `<stem>-masklabel.png` a mask the user drew (any size of the photo's aspect ratio).
 
 Errors (the flow stops, each naming the file and what to do): a missing folder, an empty concept,
-zero-byte files, files that are not images, corrupt or unreadable images, two images with one
-stem, a user mask whose size differs from its image, a missing caption file. Warnings (in the
-report only): images smaller than `resize.min_side`, exact duplicates within or across concepts.
+zero-byte files, files that are not images, corrupt or unreadable images, photos above Pillow's
+decompression-bomb limit (2 x `Image.MAX_IMAGE_PIXELS`, ~179 megapixels), two images with one
+stem, a user mask of another aspect ratio than its photo, a missing caption file. Warnings (in the
+report and the log): images smaller than `resize.min_side`, exact duplicates within or across
+concepts, photos above Pillow's warning threshold (~89 megapixels), fewer than 5 subject photos,
+photo formats likeness does not read (GIF, RAW), and once per concept, caption files its caption
+source does not read. The report gives every file of each concept folder a verdict: used,
+skipped and why, warning or error (tasks/scan_files.py).
 
 The table (`workspace/prepare/scan.json`, written only when there is no error) has one row per
 image: id, concept, stem, source, source_hash, width and height (after EXIF orientation), format,
@@ -21,12 +27,14 @@ fingerprint of the dataset.
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+import pillow_heif
 from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,77 +42,32 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from likeness.content import HashIndex, digest_parts
 from likeness.files import write_atomic
 from likeness.settings import Concept
-from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached, write_table
+from likeness.stages import ItemRecords, Progress, Row, StageResult, load_rows, map_cached, write_table
 from likeness.tasks.common import StagePolicy, progress
+from likeness.tasks.scan_files import (IMAGE_EXTENSIONS, LABEL_SUFFIXES, file_verdicts, folder_entries,
+                                       is_image_file)
+from likeness.tasks.scan_report import DatasetError, Issue, ScanReport
 from likeness.workspace import Workspace
 
-SCAN_VERSION = 1
-IMAGE_EXTENSIONS = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".avif"})
-LABEL_SUFFIXES = ("-masklabel", "-condlabel")
+__all__ = ["IMAGE_EXTENSIONS", "LABEL_SUFFIXES", "DatasetError", "ScanReport", "is_image_file"]  # re-exported
+SCAN_VERSION = 2  # 2: heic/heif read, very large photos warned, a verdict for every file
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-REPORT_LIMIT = 200  # lines per problem kind in the markdown report
+FILES_LIMIT = 500  # files listed per concept in the Prefect artifact (the report file lists them all)
+FEW_PHOTOS = 5  # fewer subject photos than this are warned about (the guide asks for 10 to 100)
+ISSUE_ORDER = {"error": 0, "warning": 1}
 
 
-@dataclass(frozen=True)
-class Issue:
-    level: Literal["error", "warning"]
-    kind: str
-    path: str
-    message: str
+def register_readers() -> None:
+    """HEIC/HEIF through pillow-heif; Pillow's decompression-bomb warning silenced, as the scan reports
+    those photos itself, naming each (idempotent)."""
+    pillow_heif.register_heif_opener()
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-@dataclass
-class ScanReport:
-    issues: list[Issue] = field(default_factory=list)
-    images: dict[str, int] = field(default_factory=dict)  # concept -> images found
-
-    @property
-    def errors(self) -> list[Issue]:
-        return [i for i in self.issues if i.level == "error"]
-
-    @property
-    def warnings(self) -> list[Issue]:
-        return [i for i in self.issues if i.level == "warning"]
-
-    def add(self, level: Literal["error", "warning"], kind: str, path: Path | str, message: str) -> None:
-        self.issues.append(Issue(level, kind, str(path), message))
-
-    def markdown(self) -> str:
-        lines = ["# Dataset scan", "", "| concept | images |", "|---|---|"]
-        lines += [f"| {name} | {n} |" for name, n in self.images.items()]
-        for level in ("error", "warning"):
-            found = [i for i in self.issues if i.level == level]
-            lines += ["", f"## {len(found)} {level}{'s' if len(found) != 1 else ''}"]
-            by_kind: dict[str, list[Issue]] = defaultdict(list)
-            for issue in found:
-                by_kind[issue.kind].append(issue)
-            for kind, issues in by_kind.items():
-                lines += ["", f"### {kind} ({len(issues)})", ""]
-                lines += [f"- `{i.path}`: {i.message}" for i in issues[:REPORT_LIMIT]]
-                if len(issues) > REPORT_LIMIT:
-                    lines.append(f"- ... and {len(issues) - REPORT_LIMIT} more")
-        return "\n".join(lines) + "\n"
-
-    def raise_for_errors(self) -> None:
-        if self.errors:
-            raise DatasetError(self)
-
-
-class DatasetError(PrepareError):
-    """The dataset has errors; the message lists each file and what to do."""
-
-    def __init__(self, report: ScanReport):
-        self.report = report
-        lines = [f"  {i.kind}: {i.path}: {i.message}" for i in report.errors]
-        super().__init__(f"the dataset has {len(lines)} error(s); fix them and run again:\n" + "\n".join(lines))
+register_readers()
 
 
 # --- listing ---------------------------------------------------------------------------------
-
-
-def is_image_file(path: Path) -> bool:
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.endswith(LABEL_SUFFIXES)
-            and not path.name.startswith("."))
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
@@ -165,12 +128,23 @@ def inspect_image(path: Path) -> Row:
     except UnidentifiedImageError:
         return {"problem": "not-an-image", "message": "not an image Pillow can read (wrong extension?): remove or convert it"}
     except Image.DecompressionBombError as exc:
-        return {"problem": "too-large", "message": f"{exc}: downscale it before training"}
+        return {"problem": "too-large", "message": _bomb_message(exc)}
     except (OSError, SyntaxError, ValueError) as exc:
         return {"problem": "corrupt", "message": f"corrupt or truncated image ({exc}): re-export or remove it"}
     if orientation in ROTATING_ORIENTATIONS:
         width, height = height, width
     return {"width": width, "height": height, "orientation": orientation, "format": fmt, "mode": mode}
+
+
+def _bomb_message(exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{megapixels(int(found.group(1)))} megapixels" if found else "too many pixels"
+    return (f"{size}, above Pillow's decompression-bomb limit of {megapixels(2 * Image.MAX_IMAGE_PIXELS)} "
+            "megapixels: it is not read; downscale it (24 megapixels is plenty) and run again")
+
+
+def megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g}"
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
@@ -190,11 +164,17 @@ def scan_key(concepts: list[Concept], min_side: int, ws: Workspace) -> str:
     for c in concepts:
         if c.enabled:
             files = [(str(p), _digest_or_none(index, p)) for p in concept_files(c, ws)]
+            files.append(sorted(str(p) for p in _entries(c)))  # skipped files change the report
             parts.append((c.name, str(Path(c.path).resolve()), c.include_subdirectories,
                           c.caption.model_dump(mode="json"), files))
     caption_files = [index.current(c.caption.path) for c in concepts if c.caption.path]
     index.save()
     return digest_parts("scan", SCAN_VERSION, str(ws.root), min_side, parts, caption_files)
+
+
+def _entries(concept: Concept) -> list[Path]:
+    folder = Path(concept.path)
+    return folder_entries(folder, concept.include_subdirectories) if folder.is_dir() else []
 
 
 def _digest_or_none(index: HashIndex, path: Path) -> str | None:
@@ -209,6 +189,7 @@ def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: Has
     """List, hash and decode every image; write the report, and the table when there is no error.
 
     Errors do not raise here (the task raises after publishing the report): the result is None."""
+    register_readers()
     report = ScanReport()
     candidates = [row for c in concepts if c.enabled for row in _list_concept(c, report, ws)]
     _check_files(candidates, index, report, workers)
@@ -226,6 +207,7 @@ def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: Has
         else:
             rows.append({**row, **info})
     _check_images(rows, concepts, min_side, report)
+    _judge_files(concepts, rows, report)
     report.issues.sort(key=lambda i: (i.level, i.kind, i.path))  # threads add them in any order
     write_atomic(ws.report("scan-report.md"), report.markdown())
     index.save()
@@ -302,6 +284,58 @@ def _check_images(rows: list[Row], concepts: list[Concept], min_side: int, repor
     for concept in concepts:
         if concept.enabled and concept.caption.source == "text_file" and not Path(concept.caption.path).is_file():
             report.add("error", "missing-caption-file", concept.caption.path, f"concept '{concept.name}': caption file not found; fix caption.path")
+        if concept.enabled and concept.caption.source != "per_image":
+            _note_unused_captions(concept, [r for r in rows if r["concept"] == concept.name], report)
+    _check_pixels(rows, report)
+    _check_subject_count(rows, concepts, report)
+
+
+def _check_pixels(rows: list[Row], report: ScanReport) -> None:
+    """Between Pillow's warning threshold and its limit (above it the photo is an error, not a row)."""
+    for row in rows:
+        pixels = row["width"] * row["height"]
+        if pixels > Image.MAX_IMAGE_PIXELS:
+            report.add("warning", "very-large", row["source"],
+                       f"{megapixels(pixels)} megapixels, above Pillow's decompression-bomb warning threshold of "
+                       f"{megapixels(Image.MAX_IMAGE_PIXELS)}: it decodes slowly and needs ~{pixels * 4 / 1e9:.1f} GB "
+                       "of memory; downscale it (24 megapixels is plenty)")
+
+
+def _check_subject_count(rows: list[Row], concepts: list[Concept], report: ScanReport) -> None:
+    subjects = [c for c in concepts if c.enabled and c.role == "subject" and not c.validation]
+    names = {c.name for c in subjects}
+    count = sum(row["concept"] in names for row in rows)
+    if subjects and 0 < count < FEW_PHOTOS:
+        report.add("warning", "few-photos", subjects[0].path,
+                   f"only {count} photo(s) of the subject ({', '.join(sorted(names))}): the guide asks for 10 to 100; "
+                   "with fewer the likeness is learned poorly, so add photos if you can")
+
+
+def _note_unused_captions(concept: Concept, rows: list[Row], report: ScanReport) -> None:
+    """Once per concept: `<stem>.txt` files beside its photos that its caption source does not read."""
+    unused = [r for r in rows if r["caption_source"]]
+    if unused:
+        report.add("warning", "unused-captions", concept.path,
+                   f"concept '{concept.name}': {len(unused)} caption file(s) (<stem>.txt) are not used because "
+                   f"caption.source is '{concept.caption.source}'; set caption.source = 'per_image' to train on them")
+
+
+def _judge_files(concepts: list[Concept], rows: list[Row], report: ScanReport) -> None:
+    """A verdict for every file of every concept folder; photo formats not read become warnings too."""
+    worst: dict[str, Issue] = {}
+    for issue in sorted(report.issues, key=lambda i: ISSUE_ORDER[i.level], reverse=True):
+        worst[os.path.abspath(issue.path)] = issue  # errors last, so they win
+    for concept in concepts:
+        if not concept.enabled or not Path(concept.path).is_dir():
+            continue
+        mine = [r for r in rows if r["concept"] == concept.name]
+        used = {os.path.abspath(r["source"]): f"{r['width']}x{r['height']} {r['format']}" for r in mine}
+        verdicts = file_verdicts(concept, _entries(concept), [Path(r["source"]) for r in mine], worst, used)
+        for verdict in verdicts:
+            path = Path(concept.path) / verdict.path
+            if verdict.verdict == "warning" and os.path.abspath(path) not in worst:
+                report.add("warning", "not-read", path, verdict.why)
+        report.files += verdicts
 
 
 def _check_mask(row: Row, report: ScanReport) -> None:
@@ -312,9 +346,16 @@ def _check_mask(row: Row, report: ScanReport) -> None:
     except (OSError, SyntaxError, ValueError):
         report.add("error", "corrupt-mask", row["mask_source"], "the mask cannot be read: redraw or remove it")
         return
-    if size != (row["width"], row["height"]):
+    photo = (row["width"], row["height"])
+    if size != photo and not same_aspect(size, photo):
         report.add("error", "mask-size", row["mask_source"],
-                   f"mask is {size[0]}x{size[1]} but its image is {row['width']}x{row['height']}: redraw it at the image size")
+                   f"mask is {size[0]}x{size[1]} but its photo is {photo[0]}x{photo[1]}, another aspect ratio: "
+                   "redraw it at the photo's size (or the same aspect ratio), or remove it")
+
+
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Equal aspect ratios within a pixel of rounding (a mask drawn on a downscaled copy of the photo)."""
+    return abs(a[0] * b[1] - a[1] * b[0]) <= max(*a, *b)
 
 
 def _check_caption(row: Row, concept: Concept, report: ScanReport) -> None:
@@ -350,9 +391,11 @@ def _verdict(issues: list[Issue]) -> str:
 def scan_images(concepts: list[Concept], min_side: int, ws: Workspace, workers: int = 2) -> StageResult:
     """List, hash and decode every photo; errors stop the flow, warnings go to the report."""
     result, report = scan_stage(concepts, min_side, ws, HashIndex(ws.hash_index), progress("scan"), workers)
-    create_markdown_artifact(report.markdown(), key="scan-report", description="Dataset problems, found before any heavy work")
+    create_markdown_artifact(report.markdown(FILES_LIMIT), key="scan-report",
+                             description="Dataset problems, found before any heavy work; a verdict for every file")
     create_table_artifact(verdict_rows(result, report), key="scan-files", description="Each photo and its verdict")
     logger = get_run_logger()
+    logger.info("scan:\n%s", report.summary())
     for issue in report.warnings[:20]:
         logger.warning("%s: %s: %s", issue.kind, issue.path, issue.message)
     if len(report.warnings) > 20:

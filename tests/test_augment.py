@@ -176,7 +176,8 @@ def _manifest(settings):
     resize = resize_stage(scan, settings.resize, ws, index)
     masks = masks_stage(resize, settings.masks, settings.concepts, ws, index, device="cpu")  # mixed sizes in bucket mode
     captions = captions_stage(resize, settings.concepts, settings.captioner, settings.run.seed, ws, index)
-    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index)
+    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index,
+                               class_prior_images=settings.evaluation.class_prior_images)
     return ws, manifest_stage(resize, masks, captions, balance, settings.concepts, ws, index)
 
 
@@ -222,12 +223,21 @@ def test_latents_are_cached_per_variation_and_per_bucket(prepare_settings, monke
     assert extra["text_processed"] == 0  # captions did not change
 
 
-def test_pad_mode_index_is_unchanged_in_shape(prepare_settings):
+def test_pad_mode_time_ids_are_the_padded_square_unless_original_is_asked(prepare_settings):
     settings = prepare_settings()
     ws, manifest = _manifest(settings)
     latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
     index = pd.read_csv(ws.latents_index, keep_default_na=False)
     assert len(index) == 7 and set(index["bucket"]) == {"64x64"} and set(index["image_variation"]) == {0}
+    # OneTrainer's pre-padded files and every inference client: (T, T, 0, 0, T, T) for every image.
+    assert index_time_ids(index).tolist() == [[64, 64, 0, 0, 64, 64]] * 7
+    original = settings.model_copy(update={"resize": settings.resize.model_copy(update={"pad_time_ids": "original"})})
+    again = latents_stage(manifest, original, ws, HashIndex(ws.hash_index), device="cpu")
+    assert again.processed == 0  # the cached latents stay; only latents.csv changes
+    index = pd.read_csv(ws.latents_index, keep_default_na=False).set_index("id")
     rows = read_manifest(ws.manifest).set_index("id")
-    p1 = index.set_index("id").loc["person/p1"]  # pad mode: the manifest's paste offset, as train_data reads it
+    p1 = index.loc["person/p1"]  # the photo's size and the manifest's paste offset, as train_data reads them
     assert (p1.crop_top, p1.crop_left) == (rows.at["person/p1", "offset_top"], rows.at["person/p1", "offset_left"])
+    assert (p1.original_height, p1.original_width) == (rows.at["person/p1", "original_height"],
+                                                       rows.at["person/p1", "original_width"])
+    assert (p1.original_height, p1.original_width) != (64, 64)

@@ -37,7 +37,7 @@ def cache_rows(tmp_path_factory, pipe):
         latent = folder / f"latent-{i}.safetensors"
         save_file({"latent": torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) * 5}, str(latent))
         rows.append({"id": f"reg/r{i}", "caption": "man", "latent_path": str(latent), "text_path": str(text),
-                     "original_size": (60, 80)})
+                     "time_ids": [60, 80, 0, 0, 64, 64]})
     return rows
 
 
@@ -88,7 +88,8 @@ def manifest(n_reg: int = 6) -> pd.DataFrame:
 
 def latents_index(ids) -> pd.DataFrame:
     return pd.DataFrame([{"id": i, "variation": v, "caption": f"caption {v}", "latent_path": f"/c/{i}-{v}",
-                          "text_path": ""} for i in ids for v in (0, 1)])
+                          "text_path": "", "original_height": 64, "original_width": 64, "crop_top": 0,
+                          "crop_left": 0, "target_height": 64, "target_width": 64} for i in ids for v in (0, 1)])
 
 
 def test_loss_rows_are_the_held_out_or_validation_images_first_variation():
@@ -97,7 +98,7 @@ def test_loss_rows_are_the_held_out_or_validation_images_first_variation():
     held = loss_rows(df, index, "class_prior", 2)
     assert [r["id"] for r in held] == sorted(heldout_ids(df, 2)) and len(held) == 2
     assert all(r["id"].startswith("reg/") and r["caption"] == "caption 0" for r in held)
-    assert held[0]["original_size"] == (60, 80) and held[0]["text_path"] == ""
+    assert held[0]["time_ids"] == [64, 64, 0, 0, 64, 64] and held[0]["text_path"] == ""  # as training conditioned it
     assert [r["id"] for r in loss_rows(df, index, "validation", 2)] == ["check/v0"]
     assert loss_rows(df, index, "class_prior", 0) == []
 

@@ -52,7 +52,7 @@ def bad_dataset(tmp_path, photo):
     photo(person / "clash.jpg", 3, size=(64, 64))
     photo(person / "masked.png", 3, size=(64, 64))
     (person / "masked.txt").write_text("ohwx man\n")
-    Image.new("L", (50, 50), 255).save(person / "masked-masklabel.png")
+    Image.new("L", (50, 40), 255).save(person / "masked-masklabel.png")  # 5:4 for a square photo
     photo(person / "uncaptioned.png", 4, size=(64, 64))
     (person / "broken-link.jpg").symlink_to(tmp_path / "deleted.jpg")
     reg.mkdir()
@@ -114,7 +114,7 @@ def test_scan_rows_record_content_and_displayed_size(tmp_path, photo):
     ws = Workspace(tmp_path / "ws")
     result, report = scan_stage([Concept(name="p", path=folder)], 8, ws, HashIndex(ws.hash_index))
     (row,) = load_rows(result)
-    assert not report.issues
+    assert [i.kind for i in report.issues] == ["few-photos"]  # one photo of the subject
     assert (row["width"], row["height"]) == (40, 60)  # as displayed
     assert row["source_hash"] == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert row["caption_source"].endswith("rotated.txt") and row["mask_source"] is None

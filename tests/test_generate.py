@@ -77,10 +77,12 @@ def test_generated_images_are_cached_per_image_and_scanned_as_the_concepts_photo
     assert {"reg/generated/reg-00000", "reg/generated/reg-00001", "reg/r0"} <= set(ids)
     assert sum(i.startswith("reg/") for i in ids) == 6  # 4 real + 2 generated
     resize = resize_stage(scan, settings.resize, ws, index)
-    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index)
+    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index,
+                               class_prior_images=settings.evaluation.class_prior_images)
     plan = json.loads(balance.table.read_text())
     reg = next(row for row in plan["rows"] if row["name"] == "reg")
-    assert reg["images"] == 6 and reg["balancing"] == 0.5  # auto: 3 subject photos / 6 class images
+    # auto on the images trained: 3 of the 6 class images are held out for the class-prior loss, 3 / 3
+    assert (reg["images"], reg["held_out"], reg["trained"], reg["balancing"]) == (6, 3, 3, 1.0)
 
 
 def test_a_concept_of_generated_images_alone_needs_no_folder(prepare_settings, tmp_path, loads):

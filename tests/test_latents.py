@@ -56,7 +56,8 @@ def _manifest(settings):
     resize = resize_stage(scan, settings.resize, ws, index)
     masks = masks_stage(resize, settings.masks, settings.concepts, ws, index, device="cpu")
     captions = captions_stage(resize, settings.concepts, settings.captioner, settings.run.seed, ws, index)
-    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index)
+    balance, _ = balance_stage(resize, settings.concepts, settings.training, ws, index,
+                               class_prior_images=settings.evaluation.class_prior_images)
     return ws, manifest_stage(resize, masks, captions, balance, settings.concepts, ws, index)
 
 

@@ -20,19 +20,44 @@ from likeness.workspace import Workspace
 WHITE = (255, 255, 255)
 
 
-# (width, height, target) -> (scaled width, scaled height, left, top), as
-# `mogrify -resize TxT -background white -gravity center -extent TxT` places them.
-@pytest.mark.parametrize("size, expected", [
-    ((4000, 3000, 1024), (1024, 768, 0, 128)),     # landscape camera photo
-    ((3000, 4000, 1024), (768, 1024, 128, 0)),     # portrait
-    ((2048, 2048, 1024), (1024, 1024, 0, 0)),      # square
-    ((500, 500, 1024), (1024, 1024, 0, 0)),        # small: enlarged, as -resize does
-    ((10, 5, 1024), (1024, 512, 0, 256)),          # tiny
-    ((1000, 333, 1024), (1024, 341, 0, 341)),      # 340.992 rounds half up to 341
-    ((1, 1000, 1024), (1, 1024, 511, 0)),          # a 1 px sliver stays 1 px
-    ((12000, 9000, 1024), (1024, 768, 0, 128)),    # huge
-    ((451, 300, 64), (64, 43, 0, 10)),
-])
+# (width, height, target) -> (scaled width, scaled height, left, top), measured with ImageMagick
+# 6.9.11 (Debian's `imagemagick`): the bounding box of a black WxH canvas after
+#   convert -size WxH xc:black -resize TxT -background white -gravity center -extent TxT pgm:-
+# Sides round half up (floor(side x scale + 0.5): 500.5 -> 501, 512.25 -> 512); the offset is
+# T // 2 - side // 2, which for an odd T - side is one more than (T - side) // 2 (767 -> 129).
+IMAGEMAGICK = [
+    ((4000, 3000, 1024), (1024, 768, 0, 128)),    # landscape camera photo
+    ((3000, 4000, 1024), (768, 1024, 128, 0)),    # portrait
+    ((4032, 3024, 1024), (1024, 768, 0, 128)),    # iPhone
+    ((6000, 4000, 1024), (1024, 683, 0, 171)),    # 3:2 camera: 682.67 -> 683, odd difference
+    ((1080, 1920, 1024), (576, 1024, 224, 0)),    # 9:16 phone screenshot
+    ((2048, 2048, 1024), (1024, 1024, 0, 0)),     # square
+    ((500, 500, 1024), (1024, 1024, 0, 0)),       # small: enlarged, as -resize does
+    ((10, 5, 1024), (1024, 512, 0, 256)),         # tiny
+    ((1000, 333, 1024), (1024, 341, 0, 342)),     # 340.992 -> 341; 683 left over -> 342 above
+    ((1, 1000, 1024), (1, 1024, 512, 0)),         # a 1 px sliver stays 1 px
+    ((12000, 9000, 1024), (1024, 768, 0, 128)),   # huge
+    ((641, 480, 1024), (1024, 767, 0, 129)),      # 766.8 -> 767, not (1024 - 767) // 2 = 128
+    ((480, 641, 1024), (767, 1024, 129, 0)),
+    ((1023, 1000, 1024), (1024, 1001, 0, 12)),
+    ((2048, 1001, 1024), (1024, 501, 0, 262)),    # exactly 500.5: half up
+    ((4096, 2050, 1024), (1024, 513, 0, 256)),    # exactly 512.5: half up
+    ((4096, 2049, 1024), (1024, 512, 0, 256)),    # 512.25: down
+    ((2048, 3, 1024), (1024, 2, 0, 511)),         # 1.5 -> 2
+    ((1025, 1024, 1024), (1024, 1023, 0, 1)),
+    ((999, 1001, 1024), (1022, 1024, 1, 0)),
+    ((7, 3, 1024), (1024, 439, 0, 293)),
+    ((451, 300, 64), (64, 43, 0, 11)),
+    ((90, 60, 64), (64, 43, 0, 11)),
+    ((100, 51, 64), (64, 33, 0, 16)),
+    ((100, 99, 64), (64, 63, 0, 1)),
+    ((100, 52, 65), (65, 34, 0, 15)),             # odd target: 65 // 2 - 34 // 2, not ceil(31 / 2) = 16
+    ((100, 99, 65), (65, 64, 0, 0)),
+    ((130, 40, 65), (65, 20, 0, 22)),
+]
+
+
+@pytest.mark.parametrize("size, expected", IMAGEMAGICK)
 def test_fit_inside_matches_mogrify(size, expected):
     placement = fit_inside(*size)
     assert (placement.width, placement.height, placement.left, placement.top) == expected
@@ -48,9 +73,9 @@ def test_landscape_photo_is_fit_and_padded_white(tmp_path, photo):
     image, original, placement = prepare_image(source, 64)
     pixels = np.asarray(image)
     assert image.size == (64, 64) and image.mode == "RGB" and original == (90, 60)
-    assert (placement.width, placement.height, placement.left, placement.top) == (64, 43, 0, 10)
-    assert (pixels[:10] == 255).all() and (pixels[53:] == 255).all()  # padding above and below
-    assert not (pixels[10:53] == 255).all()  # the photo itself
+    assert (placement.width, placement.height, placement.left, placement.top) == (64, 43, 0, 11)
+    assert (pixels[:11] == 255).all() and (pixels[54:] == 255).all()  # padding above and below (ImageMagick's offset)
+    assert not (pixels[11:54] == 255).all()  # the photo itself
 
 
 def test_exif_orientation_is_applied_before_fitting(tmp_path):
@@ -160,9 +185,9 @@ def test_stage_leaves_originals_untouched_and_copies_ready_images(tmp_path, phot
     assert Path(rows["ready-jpeg"]["prepared"]).read_bytes() == (folder / "ready-jpeg.jpg").read_bytes()
     big = rows["big"]
     assert Image.open(big["prepared"]).size == (64, 64) and big["prepared"].endswith(".png")
-    assert (big["original_width"], big["original_height"], big["offset_left"], big["offset_top"]) == (300, 200, 0, 10)
+    assert (big["original_width"], big["original_height"], big["offset_left"], big["offset_top"]) == (300, 200, 0, 11)
     user_mask = np.asarray(Image.open(big["user_mask"]))  # fit and padded like its image, black outside
-    assert user_mask.shape == (64, 64) and (user_mask[:10] == 0).all() and (user_mask[10:53] == 255).all()
+    assert user_mask.shape == (64, 64) and (user_mask[:11] == 0).all() and (user_mask[11:54] == 255).all()
     assert all(str(ws.root) in row["prepared"] for row in rows.values())
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -162,6 +162,12 @@ class EpochSampler:
     def batches_in_epoch(self, epoch: int) -> int:
         return self.num_batches if self.group_of is None else len(self.batches(epoch))
 
+    def total_steps(self, epochs: int) -> int:
+        """Optimizer steps of `epochs` epochs (with groups the batch count varies by epoch)."""
+        if self.group_of is None:
+            return self.num_batches // self.accumulation * epochs
+        return sum(self.batches_in_epoch(e) // self.accumulation for e in range(epochs))
+
     def __iter__(self) -> Iterator[list[Sample]]:
         """The rest of the current epoch; `position` always names the next batch to train on."""
         epoch, start = self.position
@@ -182,3 +188,16 @@ class EpochSampler:
         if epoch < 0 or not 0 <= batch <= count:
             raise ValueError(f"sampler position {state} is outside an epoch of {count} batches")
         self.position = Position(epoch, batch)
+
+
+def bucketed_sampler(
+    concepts: Sequence[ConceptItems], buckets: Mapping[str, str], batch_size: int, seed: int, world_size: int = 1,
+    rank: int = 0, gradient_accumulation_steps: int = 1,
+) -> EpochSampler:
+    """The training run's sampler: with more than one aspect-ratio bucket (item -> bucket key) among
+    the items, a batch never mixes buckets; with one, no grouping (a fixed batch count).
+
+    The balance stage plans with this very function, so its step count is the trainer's."""
+    several = len({buckets[item] for c in concepts for item in c.sorted_items}) > 1
+    group_of = (lambda sample: buckets[sample.item]) if several else None
+    return EpochSampler(concepts, batch_size, seed, world_size, rank, gradient_accumulation_steps, group_of=group_of)

@@ -35,7 +35,7 @@ from likeness.manifest import read_manifest
 from likeness.models.conditioning import EncoderOutput
 from likeness.settings import Settings
 from likeness.stages import PrepareError
-from likeness.trainer.epoch_sampler import ConceptItems, EpochSampler, Sample
+from likeness.trainer.epoch_sampler import ConceptItems, Sample, bucketed_sampler
 from likeness.workspace import Workspace
 
 
@@ -102,19 +102,17 @@ class TrainData:
             raise TrainDataError(f"{missing[:5]}: in the manifest but not in the latent cache index; {RUN_PREPARE}")
         self.concepts = concept_items(self.rows)
         self.frozen = [p for p in model_parts(settings) if not getattr(settings.training, p).train]
-        buckets = self.index.drop_duplicates("id").set_index("id")["bucket"]
-        # Aspect-ratio buckets: a batch never mixes sizes (one bucket: no grouping, fixed batch count).
-        group_of = (lambda sample: buckets[sample.item]) if buckets[self.rows.index].nunique() > 1 else None
+        buckets = self.index.drop_duplicates("id").set_index("id")["bucket"].to_dict()
         training = settings.training
-        self.sampler = EpochSampler(self.concepts, training.batch_size, settings.run.seed, world_size, rank,
-                                    training.gradient_accumulation_steps, group_of=group_of)
+        self.sampler = bucketed_sampler(self.concepts, buckets, training.batch_size, settings.run.seed, world_size,
+                                        rank, training.gradient_accumulation_steps)
         self._epoch_rows: tuple[int, pd.DataFrame] | None = None
 
     def total_steps(self, epochs: int, accumulation: int) -> int:
         """Optimizer steps of the whole run (with buckets the batch count varies by epoch)."""
-        if self.sampler.group_of is None:
-            return len(self.sampler) // accumulation * epochs
-        return sum(self.sampler.batches_in_epoch(e) // accumulation for e in range(epochs))
+        if accumulation != self.sampler.accumulation:
+            raise ValueError(f"accumulation {accumulation} differs from the sampler's {self.sampler.accumulation}")
+        return self.sampler.total_steps(epochs)
 
     def epoch_rows(self, epoch: int) -> pd.DataFrame:
         """latents.csv rows of this epoch's image and text variation, one per id."""

@@ -9,7 +9,9 @@ one's outputs may come from the cache instead (`EncoderOutput` tensors, as the l
 stores them).
 
 Size (SDXL micro-conditioning): `original_size + crop_top_left + target_size`, each in (height,
-width) order, as diffusers' `StableDiffusionXLPipeline._get_add_time_ids` builds them.
+width) order, as diffusers' `StableDiffusionXLPipeline._get_add_time_ids` builds them. Training
+reads them from latents.csv: a padded square is conditioned as (T, T, 0, 0, T, T) by default, as
+OneTrainer's pre-padded files and inference (`resize.pad_time_ids`, tasks/latents.py).
 
     ids = tokenize(pipe.tokenizer, ["photo of ohwx man"])                     # (1, 77)
     embeds, pooled = encode_prompt(pipe.text_encoder, pipe.text_encoder_2,

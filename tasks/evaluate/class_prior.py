@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from likeness.holdout import heldout_ids
-from likeness.latent_index import load_latents, load_text_outputs
+from likeness.latent_index import TIME_ID_COLUMNS, load_latents, load_text_outputs
 from likeness.models.checkpoint_sd15 import is_sd15_pipeline
 from likeness.models.conditioning import encode_prompt, encode_prompt_sd15, time_ids
 from likeness.settings import MaskedTrainingSettings, Settings
@@ -51,10 +51,10 @@ def loss_rows(manifest: pd.DataFrame, latents_index: pd.DataFrame, kind: LossKin
     missing = sorted(ids - set(first.index))
     if missing:
         raise ValueError(f"latents.csv has no cached latents for {missing[:3]}...: run `likeness prepare` again")
-    sizes = manifest.set_index("id")
+    # The time ids training used for this image (latents.csv: resize.pad_time_ids decides them in pad mode).
     return [{"id": i, "caption": first.at[i, "caption"], "latent_path": first.at[i, "latent_path"],
              "text_path": "" if pd.isna(first.at[i, "text_path"]) else str(first.at[i, "text_path"]),
-             "original_size": (int(sizes.at[i, "original_height"]), int(sizes.at[i, "original_width"]))}
+             "time_ids": [int(first.at[i, column]) for column in TIME_ID_COLUMNS]}
             for i in sorted(ids)]
 
 
@@ -92,8 +92,8 @@ def _image_loss(pipe: Any, row: dict, scheduler, timesteps: torch.Tensor, kind: 
     dtype, device = unet.dtype, unet.device
     added = None  # SD 1.5: no pooled embeddings, no time ids
     if pooled is not None:
-        height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
-        ids = time_ids(row["original_size"], (0, 0), (height, width))  # (1, 6)
+        sizes = row["time_ids"]
+        ids = time_ids(sizes[0:2], sizes[2:4], sizes[4:6])  # (1, 6), as training conditioned this image
         added = {"text_embeds": pooled.expand(count, -1).to(device, dtype),
                  "time_ids": ids.expand(count, -1).to(device, dtype)}
     prediction = unet(noisy.to(device, dtype), timesteps.to(device),
