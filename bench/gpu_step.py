@@ -48,8 +48,7 @@ def step_flops(pipe, batch, device: torch.device) -> int:
 
     t = step_trainer(pipe, reference_settings(device.type, training={"gradient_checkpointing": False}), device)
     with FlopCounterMode(display=False) as counter:
-        t.forward_backward(batch, 0)
-        t.optimizer_step()
+        t.optimizer_step(t.forward_backward(batch, 0))
     release(t)
     return counter.get_total_flops()
 
@@ -73,15 +72,13 @@ def sync(device: torch.device) -> None:
 def time_variant(pipe, batch, device: torch.device, sections: dict, steps: int, warmup: int) -> dict:
     t = step_trainer(pipe, reference_settings(device.type, **sections), device)
     for step in range(warmup):  # the first steps create the optimizer state (and compile)
-        t.forward_backward(batch, step)
-        t.optimizer_step()
+        t.optimizer_step(t.forward_backward(batch, step))
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for step in range(warmup, warmup + steps):
-        t.forward_backward(batch, step)  # returns the loss on the device: no wait for the host per step
-        t.optimizer_step()
+        t.optimizer_step(t.forward_backward(batch, step))
     sync(device)
     seconds = (time.perf_counter() - started) / steps
     row = {"it/s": 1 / seconds, "images/s": batch.latents.shape[0] / seconds, "allocated": 0.0, "reserved": 0.0}

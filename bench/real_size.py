@@ -136,9 +136,9 @@ def steps(tiny: bool, resolution: int) -> list[dict]:
         trim()
         before = live_bytes()
         with PeakLive() as peak:
-            t.forward_backward(batch, 0)
+            loss = t.forward_backward(batch, 0)
             gradients = sum(p.grad.numel() * p.grad.element_size() for p in t.all_params if p.grad is not None)
-            t.optimizer_step()
+            t.optimizer_step(loss)
         offloaded = sum(nbytes(getattr(pipe, part)) for part in ("vae", "text_encoder_2")
                         if settings.training.offload_frozen)
         weights = sum(nbytes(getattr(pipe, part)) for part in ("unet", "vae", "text_encoder", "text_encoder_2"))
