@@ -420,7 +420,7 @@ class Trainer:
         returns why early stop ends the run now (None: go on), the same on every process."""
         reason = None
         if self.evaluator is not None and self.evaluator.due(epoch, saved):
-            with self.averaged(), self.autocast():
+            with self.averaged(), self.autocast(), on_device(self.pipe, offloaded_parts(self.settings), self.procs.device):
                 row = self.evaluator.evaluate(self.pipe, self.step, epoch)
             values = evaluation_scalars(row)
             if epoch > 0 and self.losses.rows:
