@@ -1,142 +1,156 @@
-"""One SDXL training step at full size on a GPU: it/s, peak VRAM and MFU, with random weights
-(no download). The reference run's recipe: UNet + text encoder 1 trained, text encoder 2 frozen
-(its outputs cached), bf16 weights and autocast, Adafactor with the fused back pass, gradient
-checkpointing, batch 1 at 1024x1024 (latents (1, 4, 128, 128)).
+"""THE training step at full SDXL size on a GPU: it/s, images/s, MFU and peak memory per variant.
 
-    python bench/gpu_step.py                    # on a CUDA machine (needs torch, diffusers, transformers)
-    python bench/gpu_step.py --tiny             # a tiny UNet on the CPU: checks the script itself
+What is timed is the loop's own step, `Trainer.forward_backward` + `Trainer.optimizer_step`
+(`Trainer.step_only`, the parts placed by the loop's `place_models`), with the reference settings:
+UNet + text encoder 1 trained in bf16, text encoder 2 frozen (its outputs cached, the part kept on
+the host by training.offload_frozen, as the VAE), Adafactor with stochastic rounding and the
+fused back pass, gradient checkpointing, masked loss, batch 1 at 1024 px (latents (1, 4, 128, 128)).
+The models are a full-size SDXL with random weights built on the device (bench/random_sdxl.py: no
+download). Variants change one setting each, in one process:
 
-MFU = (20.2 TFLOPs per forward+backward of the SDXL UNet at 1024 px, counted with torch's
-FlopCounterMode, reference/stack-notes.md) x it/s / the peak bf16 matmul rate (790 TFLOP/s measured
-on H100/H200). Text encoder 1 and the recomputation of gradient checkpointing are not counted, so
-this is the model FLOPs utilisation proper. Only `likeness.trainer.optimizer` (pure torch) is used
-from this project, so the script runs where prefect and pandera are not installed.
+    python bench/gpu_step.py                       # CUDA; all variants, ~3-5 min on one H100/H200
+    python bench/gpu_step.py --variants reference,compile --steps 20
+    python bench/gpu_step.py --tiny                # the tests' tiny SDXL on the CPU: checks the script
+
+MFU = FLOPs of one step (torch.utils.flop_counter.FlopCounterMode on the same step, eager, with
+checkpointing off so recomputation is not counted: the model's FLOPs) x it/s / the device's dense
+bf16 peak (H100/H200 SXM: 989 TFLOP/s; `--peak-tflops` for others). Memory: the peak allocated and
+reserved by torch's CUDA allocator over the timed steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import gc
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also when run from elsewhere
 
-UNET_TFLOPS_PER_STEP = 20.2  # forward + backward, SDXL UNet, 1024 px, batch 1
-PEAK_TFLOPS = 790.0
+from random_sdxl import build_random_sdxl, random_batch, reference_settings, step_trainer  # noqa: E402
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, written out (no download)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-    act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-)
-# CLIP ViT-L/14 text tower (SDXL's text encoder 1); text encoder 2 (OpenCLIP bigG, 1280 wide) is frozen and cached
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-TE2_WIDTH, POOLED = 1280, 1280
-
-TINY_UNET = dict(
-    sample_size=8, layers_per_block=1, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4),
-    cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=80, norm_num_groups=32,
-)
-TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-TINY_TE2_WIDTH, TINY_POOLED = 32, 32
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+VARIANTS = {  # name -> settings sections over the reference run's; compiled ones last (compiling is in place)
+    "reference": {},
+    "checkpointing off": {"training": {"gradient_checkpointing": False}},
+    "fused back pass off": {"optimizer": {"fused_back_pass": False}},
+    "factor_conv matrix": {"optimizer": {"adafactor": {"factor_conv": "matrix"}}},
+    "compile": {"training": {"compile": True}},
+}
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def step_flops(pipe, batch, device: torch.device) -> int:
+    """FLOPs of one step of the reference run, counted on the step itself (eager, no checkpointing)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET)).to(device, dtype)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if tiny else CLIP_L))).to(device, dtype)
-    unet.enable_gradient_checkpointing()
-    (getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable)()
-    unet.train()
-    text_encoder.train()
-    return unet, text_encoder
+    t = step_trainer(pipe, reference_settings(device.type, training={"gradient_checkpointing": False}), device)
+    with FlopCounterMode(display=False) as counter:
+        t.optimizer_step(t.forward_backward(batch, 0))
+    release(t)
+    return counter.get_total_flops()
 
 
-def make_step(unet, text_encoder, tiny: bool, device: torch.device, dtype: torch.dtype):
-    """One step: TE1 live (trained) + cached TE2 outputs -> UNet -> MSE -> fused Adafactor backward."""
-    from likeness.trainer.optimizer import FusedBackPass, build_optimizer
-    from likeness.settings import Settings
+def release(t) -> None:
+    """Drop a variant's optimizer: its fused-back-pass hooks would step it in the next backward."""
+    if t.fused is not None:
+        t.fused.remove()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.optimizer.state.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-    settings = Settings()  # the reference run: Adafactor, LRs 1e-5 / 3e-6, stochastic rounding
-    optimizer = build_optimizer({"unet": unet.parameters(), "text_encoder": text_encoder.parameters()}, settings)
-    FusedBackPass(optimizer)
-    size, te2, pooled = (8, TINY_TE2_WIDTH, TINY_POOLED) if tiny else (128, TE2_WIDTH, POOLED)
-    latents = torch.randn(1, 4, size, size, device=device)  # (1, 4, 128, 128) at 1024 px
-    ids = torch.randint(0, text_encoder.config.vocab_size, (1, 77), device=device)
-    cached_hidden = torch.randn(1, 77, te2, device=device, dtype=dtype)  # TE2 penultimate layer, cached
-    cached_pooled = torch.randn(1, pooled, device=device, dtype=dtype)
-    time_ids = torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], device=device, dtype=dtype)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step() -> float:
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (1,), device=device)
-        with autocast:
-            hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-2]  # (1, 77, 768)
-            embeds = torch.cat([hidden, cached_hidden.to(hidden.dtype)], dim=-1)  # (1, 77, 2048)
-            noisy = latents + noise * (t.float() / 1000).view(-1, 1, 1, 1)
-            predicted = unet(noisy.to(dtype), t, embeds.to(dtype),
-                             added_cond_kwargs={"text_embeds": cached_pooled, "time_ids": time_ids}).sample
-        loss = torch.nn.functional.mse_loss(predicted.float(), noise)
-        loss.backward()  # the optimizer steps inside, parameter by parameter
-        return loss.item()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    return step
+
+def time_variant(pipe, batch, device: torch.device, sections: dict, steps: int, warmup: int) -> dict:
+    t = step_trainer(pipe, reference_settings(device.type, **sections), device)
+    for step in range(warmup):  # the first steps create the optimizer state (and compile)
+        t.optimizer_step(t.forward_backward(batch, step))
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        t.optimizer_step(t.forward_backward(batch, step))
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    row = {"it/s": 1 / seconds, "images/s": batch.latents.shape[0] / seconds, "allocated": 0.0, "reserved": 0.0}
+    if device.type == "cuda":
+        row["allocated"] = torch.cuda.max_memory_allocated(device) / 1024**3
+        row["reserved"] = torch.cuda.max_memory_reserved(device) / 1024**3
+    release(t)
+    return row
+
+
+def quiet() -> None:
+    """No library warnings or bars in our table (diffusers' and dynamo's notes while tracing)."""
+    import logging
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a tiny UNet, fp32 on the CPU (checks the script)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny SDXL on the CPU (checks the script)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (state creation, compiling)")
+    parser.add_argument("--resolution", type=int, help="px (default 1024; 64 with --tiny)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads with --tiny")
+    parser.add_argument("--compile-backend", help="torch.compile backend of the compile variant (default: inductor; "
+                        "eager with --tiny: inductor compiles for minutes on a small CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         sys.exit("no CUDA device: run with --tiny to check the script on the CPU")
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    unet, text_encoder = build(args.tiny, device, dtype)
-    step = make_step(unet, text_encoder, args.tiny, device, dtype)
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    params = sum(p.numel() for p in unet.parameters()) / 1e9
-    print(f"{'tiny UNet (CPU, fp32)' if args.tiny else 'SDXL UNet (' + torch.cuda.get_device_name() + ', bf16)'}: "
-          f"{params:.3f} B parameters, median of {args.steps} steps after {args.warmup}")
-    print(f"  {1 / median:.2f} it/s ({median * 1000:.1f} ms/step)")
-    if cuda:
-        print(f"  peak VRAM {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB allocated, "
-              f"{torch.cuda.max_memory_reserved() / 1024**3:.2f} GiB reserved")
-        print(f"  MFU {UNET_TFLOPS_PER_STEP / median / PEAK_TFLOPS * 100:.1f} % "
-              f"({UNET_TFLOPS_PER_STEP / median:.0f} TFLOP/s of {PEAK_TFLOPS:.0f})")
+    resolution = args.resolution or (64 if args.tiny else 1024)
+    VARIANTS["compile"]["training"]["compile_backend"] = args.compile_backend or ("eager" if args.tiny else "inductor")
+    quiet()
+    started = time.perf_counter()
+    pipe = build_random_sdxl(device, tiny=args.tiny)
+    batch = random_batch(pipe, resolution, device)
+    flops = step_flops(pipe, batch, device)
+    peak = peak_tflops(device, args.peak_tflops)
+    where = torch.cuda.get_device_name(device) if cuda else "CPU"
+    unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e9
+    print(f"{'tiny' if args.tiny else 'full-size'} SDXL ({unet:.3f} B UNet parameters, random) on {where}, "
+          f"{resolution} px, batch 1; {flops / 1e12:.4g} TFLOPs per step (FlopCounterMode); "
+          f"bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}; built in {time.perf_counter() - started:.0f} s")
+    print(f"  {'variant':<22} {'it/s':>7} {'images/s':>9} {'MFU':>7} {'peak alloc':>11} {'reserved':>9}  (GiB)")
+    for name in args.variants.split(","):
+        row = time_variant(pipe, batch, device, VARIANTS[name], args.steps, args.warmup)
+        mfu = f"{flops * row['it/s'] / (peak * 1e12) * 100:6.1f}%" if peak else "    n/a"
+        print(f"  {name:<22} {row['it/s']:7.2f} {row['images/s']:9.2f} {mfu} {row['allocated']:11.2f} "
+              f"{row['reserved']:9.2f}", flush=True)
+    print(f"  total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

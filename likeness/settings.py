@@ -320,6 +320,10 @@ class TrainingSettings(Section):
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
     tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
     max_nonfinite_steps: int = Field(3, ge=1, description="Steps with a NaN/inf loss or gradient (never applied: skipped, or rolled back to the last backup) after which training stops with an error.")
+    offload_frozen: bool = Field(True, description="Keep the parts whose outputs are cached (the VAE, frozen text encoders) on the CPU during training steps; they visit the device only to sample (OneTrainer's temp device).")
+    compile: bool = Field(False, description="torch.compile the UNet (the first steps are slow while it compiles; then faster on a GPU).")
+    compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend for training.compile: inductor (fastest), aot_eager or eager (checks, no speed-up).")
+    read_loss_every: int = Field(1, ge=1, description="Steps between reads of the loss by the host: above 1 the device is not made to wait for the host after each step; the loss table still gets every step, the sinks and progress line get them in batches.")
 
     @model_validator(mode="after")
     def _vae_frozen(self) -> TrainingSettings:
@@ -336,6 +340,7 @@ class AdafactorSettings(Section):
     clip_threshold: float = Field(1.0, gt=0, description="Update clipping threshold (RMS of the update); reference 1 (OneTrainer: optimizer.clip_threshold).")
     decay_rate: float = Field(-0.8, lt=0, description="Exponent of the second-moment decay; reference -0.8 (OneTrainer: optimizer.decay_rate).")
     beta1: float | None = Field(None, ge=0, lt=1, description="None: no first moment (saves memory).")
+    factor_conv: Literal["kernel", "matrix"] = Field("kernel", description="Second moment of a conv kernel (out, in, kh, kw): kernel factors it over its last two dims as transformers does; matrix factors it as one (out, in*kh*kw) matrix (SDXL: 0.85 GB less state).")
     relative_step: bool = Field(False, description="Adafactor's own time-dependent learning rate instead of learning_rate; reference off (OneTrainer: optimizer.relative_step).")
     scale_parameter: bool = Field(False, description="Scale the learning rate by the parameter's RMS; reference off (OneTrainer: optimizer.scale_parameter).")
     warmup_init: bool = Field(False, description="Warm the relative step up from zero (only with relative_step); reference off (OneTrainer: optimizer.warmup_init).")

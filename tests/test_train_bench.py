@@ -15,7 +15,9 @@ def test_gpu_step_benchmark_runs_tiny_on_the_cpu():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--tiny", "--steps", "2", "--warmup", "1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "tiny UNet (CPU, fp32)" in out.stdout and " it/s (" in out.stdout
+    assert "tiny SDXL" in out.stdout and "TFLOPs per step (FlopCounterMode)" in out.stdout
+    rows = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and "variant" not in line}
+    assert {"reference", "checkpointing", "fused", "factor_conv", "compile"} <= rows
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from likeness.models.checkpoint_sd15 import save_any_checkpoint
 from likeness.models.conditioning import EncoderOutput, encode_prompt, encode_prompt_sd15
 from likeness.models.loading import load_pipeline
 from likeness.models.sampling import generate, sample_filename, save_sample
-from likeness.settings import Settings
+from likeness.settings import Settings, TrainingSettings
 from likeness.trainer.backup import Backup, restore_rng, save_backup
 from likeness.trainer.distributed import (
     Processes, average_gradients, digests_agree, mean_over_processes, start_processes,
@@ -52,6 +52,7 @@ from likeness.trainer.nonfinite import NonFiniteGuard, RollBack, all_finite, lik
 from likeness.trainer.loss import diffusion_losses
 from likeness.trainer.metrics import LossLog, MetricsSink, ProgressLine, memory_stats
 from likeness.trainer.noise import add_noise, step_generator, training_scheduler
+from likeness.trainer.offload import HOST, move, offloaded_parts, on_device
 from likeness.trainer.optimizer import (
     FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
 )
@@ -100,9 +101,9 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
     mechanics, nor the run's length: `extend.run_length`). SD 1.5 ignores the text_encoder_2 settings."""
     relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
     training = relevant["training"]
-    # max_nonfinite_steps: when to give up, not what is trained
     sd15_unused = ["text_encoder_2"] if settings_family(settings) == "sd15" else []
-    for name in ("iterations_per_second", "max_nonfinite_steps", "epochs", *sd15_unused):
+    for name in ("iterations_per_second", "max_nonfinite_steps", "epochs", *sd15_unused,  # not what is trained
+                 "offload_frozen", "compile", "compile_backend", "read_loss_every"):       # run mechanics
         training.pop(name)
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if part in training:
@@ -137,26 +138,45 @@ def settings_hash(settings: Settings) -> str:
 # --- models ----------------------------------------------------------------------------------
 
 
+def weight_dtypes(settings: Settings) -> dict[str, torch.dtype]:
+    """Each model part's weight dtype (training.<part>.weight_dtype), as the loaders take it."""
+    parts = ["unet", "vae", *model_parts(settings)]
+    return {part: DTYPES[getattr(settings.training, part).weight_dtype] for part in parts}
+
+
 def load_models(settings: Settings, device: torch.device) -> tuple[Any, list[str]]:
-    """The pipeline with each part in its weight dtype on `device`, and the parts that train."""
-    training = settings.training
+    """The pipeline, each part created in its weight dtype (never an fp32 copy first) and moved to
+    `device` (the parts `offloaded_parts` names stay on the CPU), and the parts that train."""
     pipe = load_pipeline(settings.model.base_model, settings.model.model_type, config=settings.model.config,
-                         torch_dtype=torch.float32)
-    # torch's own `to`: diffusers' override warns about fp32-only modules that SDXL does not have.
-    torch.nn.Module.to(pipe.vae, device, DTYPES[training.vae.weight_dtype]).requires_grad_(False).eval()
+                         dtype=weight_dtypes(settings))
+    return pipe, place_models(pipe, settings, device)
+
+
+def place_models(pipe: Any, settings: Settings, device: torch.device) -> list[str]:
+    """Move the parts to their devices, mark what trains, turn on gradient checkpointing; the trained parts."""
+    training = settings.training
     parts = ["unet", *model_parts(settings)]  # SD 1.5 has no text_encoder_2
     trained = [part for part in parts if getattr(training, part).train]
-    for part in parts:
+    offloaded = offloaded_parts(settings)
+    for part in ["vae", *parts]:
         module = getattr(pipe, part)
-        torch.nn.Module.to(module, device, DTYPES[getattr(training, part).weight_dtype]).requires_grad_(part in trained)
-        module.train(part in trained)
+        move(module, HOST if part in offloaded else device)
+        module.requires_grad_(part in trained).train(part in trained)
     if training.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for part in ("text_encoder", "text_encoder_2"):
             if part in trained:
                 encoder = getattr(pipe, part)  # transformers 5 renamed it; older versions have the old name
                 getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-    return pipe, trained
+    else:
+        pipe.unet.disable_gradient_checkpointing()  # models placed again with other settings (benchmarks)
+    return trained
+
+
+def compile_unet(unet: torch.nn.Module, training: TrainingSettings) -> None:
+    """training.compile: compile the UNet's forward in place (its state dict keys stay as they are)."""
+    if training.compile:
+        unet.compile(backend=training.compile_backend)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -170,21 +190,9 @@ class Trainer:
         self.log = log if procs.main else (lambda message: None)
         self.ws = Workspace.from_settings(settings)
         self.data = TrainData(self.ws, settings, procs.world_size, procs.rank)
-        self.sd15 = settings_family(settings) == "sd15"
-        self.parts = ("unet", *model_parts(settings))
-        self.pipe, self.trained = load_models(settings, procs.device)
-        self.params = {part: [p for p in getattr(self.pipe, part).parameters() if p.requires_grad] for part in self.trained}
-        self.all_params = [p for part in self.trained for p in self.params[part]]
-        self.optimizer = build_optimizer(self.params, settings)
-        self.accumulation = settings.training.gradient_accumulation_steps
-        self.fused = self._fused_back_pass()
-        self.total_steps = self.data.total_steps(settings.training.epochs, self.accumulation)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, settings.schedule, self.total_steps)
-        ema = settings.training.ema
-        self.ema = EMA(self.all_params, ema.decay, ema.update_step_interval, ema.on_cpu) if ema.enabled else None
-        self.noise_scheduler = training_scheduler(self.pipe.scheduler.config)
-        self.scaling = self.pipe.vae.config.scaling_factor
-        self.step, self.losses = 0, LossLog()
+        pipe, trained = load_models(settings, procs.device)
+        total_steps = self.data.total_steps(settings.training.epochs, settings.training.gradient_accumulation_steps)
+        self._init_step(pipe, trained, total_steps)
         self.fingerprint = training_fingerprint(settings, self.ws) if procs.main else ""
         self.saved: list[SavedCheckpoint] = []
         self.samples: list[Path] = []
@@ -195,6 +203,36 @@ class Trainer:
         self.save_timer = Interval(s.saving.every, s.saving.unit, s.saving.skip_first)
         self.backup_timer = Interval(s.backups.every, s.backups.unit)
         self.guard = NonFiniteGuard(s.training.max_nonfinite_steps, self._likely_causes, self.log)
+
+    @classmethod
+    def step_only(cls, settings: Settings, procs: Processes, pipe: Any, trained: list[str], total_steps: int,
+                  log: Log = print) -> Trainer:
+        """The training step alone (`forward_backward` + `optimizer_step`) on models already loaded by
+        `load_models` or built otherwise, without a workspace or data: what bench/gpu_step.py times."""
+        t = cls.__new__(cls)
+        t.settings, t.procs, t.sinks, t.log, t.data = settings, procs, [], log, None
+        t._init_step(pipe, trained, total_steps)
+        t.guard = NonFiniteGuard(settings.training.max_nonfinite_steps, t._likely_causes, log)
+        return t
+
+    def _init_step(self, pipe: Any, trained: list[str], total_steps: int) -> None:
+        """The models, optimizer, LR schedule, EMA and noise schedule the step uses."""
+        settings = self.settings
+        self.sd15 = settings_family(settings) == "sd15"
+        self.parts = ("unet", *model_parts(settings))
+        self.pipe, self.trained, self.total_steps = pipe, trained, total_steps
+        self.params = {part: [p for p in getattr(self.pipe, part).parameters() if p.requires_grad] for part in self.trained}
+        self.all_params = [p for part in self.trained for p in self.params[part]]
+        self.optimizer = build_optimizer(self.params, settings)
+        self.accumulation = settings.training.gradient_accumulation_steps
+        self.fused = self._fused_back_pass()
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, settings.schedule, self.total_steps)
+        ema = settings.training.ema
+        self.ema = EMA(self.all_params, ema.decay, ema.update_step_interval, ema.on_cpu) if ema.enabled else None
+        self.noise_scheduler = training_scheduler(self.pipe.scheduler.config)
+        self.scaling = self.pipe.vae.config.scaling_factor
+        self.step, self.losses, self.pending = 0, LossLog(), []
+        compile_unet(self.pipe.unet, settings.training)
 
     def _fused_back_pass(self) -> FusedBackPass | None:
         if not self.settings.optimizer.fused_back_pass:
@@ -213,7 +251,7 @@ class Trainer:
 
     @property
     def epoch(self) -> int:
-        return self.data.sampler.position.epoch
+        return self.data.sampler.position.epoch if self.data is not None else 0
 
     # --- resume and backups ------------------------------------------------------------------
 
@@ -374,7 +412,7 @@ class Trainer:
         if self.procs.main:
             s = self.settings.sampling
             seeds = [random.SystemRandom().randrange(2**31) if p.random_seed else p.seed for p in s.prompts]
-            with self.averaged(), self.autocast():
+            with self.averaged(), self.autocast(), on_device(self.pipe, offloaded_parts(self.settings), self.procs.device):
                 images = generate(self.pipe, [p.prompt for p in s.prompts], [p.negative_prompt for p in s.prompts],
                                   seeds, steps=s.steps, cfg=s.cfg_scale, sampler=s.sampler,
                                   resolution=s.resolution or self.settings.resize.resolution,
@@ -410,7 +448,7 @@ class Trainer:
         returns why early stop ends the run now (None: go on), the same on every process."""
         reason = None
         if self.evaluator is not None and self.evaluator.due(epoch, saved):
-            with self.averaged(), self.autocast():
+            with self.averaged(), self.autocast(), on_device(self.pipe, offloaded_parts(self.settings), self.procs.device):
                 row = self.evaluator.evaluate(self.pipe, self.step, epoch)
             values = evaluation_scalars(row)
             if epoch > 0 and self.losses.rows:
@@ -445,26 +483,41 @@ def train_epoch(t: Trainer, progress: ProgressLine) -> bool:
     """
     epoch, micro, total, backup_due = t.epoch, 0, 0.0, False
     for samples in t.data.sampler:
-        total += t.forward_backward(t.data.load(samples, epoch), t.step * t.accumulation + micro)
+        total = total + t.forward_backward(t.data.load(samples, epoch), t.step * t.accumulation + micro)
         micro += 1
         if micro < t.accumulation:
             continue
         loss = mean_over_processes(total / t.accumulation, t.procs)
         lrs = t.optimizer_step(loss)
+        t.pending.append(({"step": t.step, "epoch": epoch}, loss, {**lrs, **memory_stats(t.procs.device)}))
         micro, total = 0, 0.0
-        t.losses.add(step=t.step, epoch=epoch, loss=loss, **lrs, **memory_stats(t.procs.device))
-        for sink in t.sinks:
-            sink.scalars(t.step, {"loss": loss, **lrs})
-        progress.update(t.step, t.epoch, loss)
-        if t.sample_timer.after_step(t.step):
-            t.sample(t.epoch)
-        if t.save_timer.after_step(t.step):
-            t.save(t.epoch, at_epoch_end=False)
+        sample, save = t.sample_timer.after_step(t.step), t.save_timer.after_step(t.step)
         backup_due = t.backup_timer.after_step(t.step)
+        if sample or save or backup_due or len(t.pending) >= t.settings.training.read_loss_every:
+            read_losses(t, progress)
+        if sample:
+            t.sample(t.epoch)
+        if save:
+            t.save(t.epoch, at_epoch_end=False)
         if backup_due and t.epoch == epoch:
             t.backup()
             backup_due = False
+    read_losses(t, progress)
     return backup_due
+
+
+def read_losses(t: Trainer, progress: ProgressLine) -> None:
+    """Record the losses of the steps since the last read: the loss table's rows, the sinks and the
+    progress line, every training.read_loss_every steps (the non-finite guard reads each step's
+    loss already, before backward: the fused back pass must not apply a NaN)."""
+    if not t.pending:
+        return
+    for where, loss, rest in t.pending:
+        t.losses.add(**where, loss=loss, **rest)
+        for sink in t.sinks:
+            sink.scalars(where["step"], {"loss": loss, **{k: v for k, v in rest.items() if k.startswith("lr_")}})
+    t.pending = []
+    progress.update(t.step, t.epoch, t.losses.rows[-1]["loss"])
 
 
 def train(settings: Settings, *, log: Log = print, sinks: Sequence[MetricsSink] = ()) -> TrainResult:

@@ -112,25 +112,39 @@ class Adafactor(StepwiseOptimizer):
     Factored second moment for >= 2-D tensors, beta2_t = 1 - step^decay_rate, update divided by
     max(1, RMS(update)/clip_threshold), decoupled weight decay p -= weight_decay*lr*p, optional
     first moment (beta1), relative step / parameter scaling / warmup init as transformers.
+    `factor_conv`: "kernel" factors a conv kernel (out, in, kh, kw) over its last two dims, as
+    transformers does (state (out, in, kh) + (out, in, kw): 6x out x in for 3x3, twice the weight
+    for 1x1); "matrix" factors it as the (out, in*kh*kw) matrix (state out + in*kh*kw).
     """
 
     def __init__(
         self, params: Any, lr: float = 1e-5, eps: float = 1e-30, eps2: float = 1e-3, clip_threshold: float = 1.0,
         decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0, scale_parameter: bool = False,
         relative_step: bool = False, warmup_init: bool = False, stochastic_rounding: bool = True, seed: int = 0,
+        factor_conv: str = "kernel",
     ) -> None:
         if warmup_init and not relative_step:
             raise ValueError("optimizer.adafactor.warmup_init needs relative_step = true")
+        if factor_conv not in ("kernel", "matrix"):
+            raise ValueError(f"optimizer.adafactor.factor_conv: unknown value {factor_conv!r}; use 'kernel' or 'matrix'")
         defaults = dict(lr=lr, eps=eps, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-                        warmup_init=warmup_init, part="params", train=True)
+                        warmup_init=warmup_init, factor_conv=factor_conv, part="params", train=True)
         super().__init__(params, defaults, stochastic_rounding, seed)
+
+    @staticmethod
+    def factored_shape(shape: torch.Size, group: dict[str, Any]) -> torch.Size:
+        """The shape the second moment is factored over: a conv kernel as (out, in*kh*kw) with "matrix"."""
+        if len(shape) > 2 and group.get("factor_conv", "kernel") == "matrix":
+            return torch.Size((shape[0], shape[1:].numel()))
+        return shape
 
     def init_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
         f32 = dict(dtype=torch.float32, device=p.device)
+        shape = self.factored_shape(p.shape, group)
         if p.ndim >= 2:
-            state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)  # (..., rows)
-            state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **f32)  # (..., cols)
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **f32)  # (..., rows)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **f32)  # (..., cols)
         else:
             state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
         if group["beta1"] is not None:
@@ -151,6 +165,9 @@ class Adafactor(StepwiseOptimizer):
     def update(self, weight: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         lr = self._lr(weight, state["step"], group)
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        shape = grad.shape
+        if "exp_avg_sq_row" in state:
+            grad = grad.reshape(self.factored_shape(shape, group))
         squared = grad**2 + group["eps"]
         if "exp_avg_sq_row" in state:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -158,7 +175,7 @@ class Adafactor(StepwiseOptimizer):
             col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
             # Rank-1 estimate of the second moment: row x col / mean(row).
             row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
-            update = row_factor * col.unsqueeze(-2).rsqrt() * grad
+            update = (row_factor * col.unsqueeze(-2).rsqrt() * grad).view(shape)
         else:
             state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
             update = state["exp_avg_sq"].rsqrt() * grad
@@ -217,7 +234,7 @@ def build_optimizer(params_by_part: Mapping[str, Iterable[torch.nn.Parameter]], 
     return Adafactor(
         groups, lr=opt.learning_rate, eps=a.eps, eps2=a.eps2, clip_threshold=a.clip_threshold,
         decay_rate=a.decay_rate, beta1=a.beta1, scale_parameter=a.scale_parameter,
-        relative_step=a.relative_step, warmup_init=a.warmup_init, **common,
+        relative_step=a.relative_step, warmup_init=a.warmup_init, factor_conv=a.factor_conv, **common,
     )
 
 

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from likeness.files import atomic_path
+from likeness.files import atomic_path, temporary_folder
 
 ARCHITECTURE = "stable-diffusion-xl-v1-base"
 UNET_PREFIX = "model.diffusion_model."
@@ -273,7 +273,7 @@ def save_diffusers_folder(pipe: Any, folder: str | Path, info: CheckpointInfo,
     """`pipe.save_pretrained` into a temporary sibling, weights cast to `dtype`, then renamed to `folder`."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = temporary_folder(folder)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         _cast_weight_files(tmp, output_dtype(dtype))
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
-    pipe = load_sdxl_pipeline(args.model)
+    pipe = load_sdxl_pipeline(args.model, dtype=DTYPES[args.dtype])  # made in the output dtype: no fp32 copy
     save_single_file(pipe, args.out, CheckpointInfo(base_model=args.model, epoch=0, step=0), args.dtype)
     print(args.out)
 

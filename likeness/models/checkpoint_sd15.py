@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, dtype=DTYPES[args.dtype])  # made in the output dtype: no fp32 copy
     save_any_checkpoint(pipe, args.out, CheckpointInfo(base_model=args.model, epoch=0, step=0), args.dtype)
     print(args.out)
 

@@ -8,7 +8,8 @@ cache only.
 
     pipe = load_sdxl_pipeline("workspace/demo/models/sdxl")
     pipe = load_sdxl_pipeline("realvisxlV40.safetensors", config="stabilityai/stable-diffusion-xl-base-1.0",
-                              torch_dtype=torch.bfloat16)
+                              dtype=torch.bfloat16)
+    pipe = load_sdxl_pipeline(folder, dtype={"unet": torch.bfloat16, "vae": torch.float32})  # per part, see part_dtypes
     pipe = load_pipeline("sd15-folder-or-file", config=...)   # SDXL or SD 1.5: model_family() decides
     model, processor = load_clipseg("CIDAS/clipseg-rd64-refined")
     model, image_processor = load_dino("facebook/dino-vits16")       # evaluation: DINO likeness
@@ -33,6 +34,8 @@ from transformers import (
     CLIPSegProcessor,
     ViTModel,
 )
+
+from likeness.models.part_dtypes import DtypeSpec, dtype_kwargs, single_file_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -77,15 +80,19 @@ def load_sdxl_pipeline(
     base_model: str | Path,
     *,
     config: str | Path | None = None,
-    torch_dtype: torch.dtype | None = None,
+    dtype: DtypeSpec = None,
     local_files_only: bool | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> StableDiffusionXLPipeline:
     """Load an SDXL pipeline from a single-file checkpoint, a diffusers folder or a hub id.
 
+    Every part is created directly in its dtype of `dtype` (one dtype, or one per part: see
+    `part_dtypes`); None keeps diffusers' default (float32). `torch_dtype` is the old name of `dtype`.
     Raises FileNotFoundError when a local path does not exist and ValueError when it is not an
     SDXL model; both messages name the path.
     """
-    kwargs = _hub_kwargs(torch_dtype, local_files_only)
+    spec = torch_dtype if dtype is None else dtype
+    kwargs = _hub_kwargs(spec, local_files_only)
     if is_local_path(base_model):
         path = Path(base_model).expanduser()
         if not path.exists():
@@ -93,7 +100,7 @@ def load_sdxl_pipeline(
         if path.is_dir():
             check_diffusers_sdxl_folder(path)
             return StableDiffusionXLPipeline.from_pretrained(str(path), **kwargs)
-        return _load_single_file(path, config, kwargs)
+        return _load_single_file(path, config, spec, _hub_kwargs(None, local_files_only))
     try:
         return StableDiffusionXLPipeline.from_pretrained(str(base_model), **kwargs)
     except OSError as error:  # not cached while offline, no such repo, ...
@@ -116,7 +123,8 @@ def check_diffusers_sdxl_folder(folder: Path) -> None:
             f"{', '.join(missing)}); {HOW_TO_GIVE}")
 
 
-def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, Any]) -> StableDiffusionXLPipeline:
+def _load_single_file(path: Path, config: str | Path | None, spec: DtypeSpec,
+                      kwargs: dict[str, Any]) -> StableDiffusionXLPipeline:
     if not is_single_file(path):
         raise ValueError(f"{path}: not a .safetensors or .ckpt checkpoint; {HOW_TO_GIVE}")
     if path.suffix.lower() == ".safetensors":
@@ -128,7 +136,7 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, A
                 f"{config}: no such config folder (for {path}); give a diffusers SDXL folder or hub id")
         check_diffusers_sdxl_folder(config)
     config_arg = None if config is None else str(config)
-    return StableDiffusionXLPipeline.from_single_file(str(path), config=config_arg, **kwargs)
+    return single_file_pipeline(StableDiffusionXLPipeline, str(path), config_arg, spec, kwargs)
 
 
 def check_sdxl_single_file(path: Path) -> None:
@@ -143,11 +151,9 @@ def check_sdxl_single_file(path: Path) -> None:
         raise ValueError(f"{path}: not an SDXL checkpoint (no {' or '.join(absent)}* keys); {HOW_TO_GIVE}")
 
 
-def _hub_kwargs(torch_dtype: torch.dtype | None, local_files_only: bool | None) -> dict[str, Any]:
+def _hub_kwargs(spec: DtypeSpec, local_files_only: bool | None) -> dict[str, Any]:
     """Only the options given: None keeps each library's default (HF_HUB_OFFLINE still applies)."""
-    kwargs: dict[str, Any] = {}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype  # diffusers and transformers 5 deprecate `torch_dtype=`
+    kwargs: dict[str, Any] = dtype_kwargs(spec)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     return kwargs
@@ -255,11 +261,14 @@ def load_sd15_pipeline(
     base_model: str | Path,
     *,
     config: str | Path | None = None,
-    torch_dtype: torch.dtype | None = None,
+    dtype: DtypeSpec = None,
     local_files_only: bool | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:
-    """Load an SD 1.5 pipeline (no safety checker) from a single-file checkpoint, a diffusers folder or a hub id."""
-    kwargs = _hub_kwargs(torch_dtype, local_files_only) | {"safety_checker": None, "requires_safety_checker": False}
+    """Load an SD 1.5 pipeline (no safety checker) from a single-file checkpoint, a diffusers folder or a hub id;
+    `dtype` as for `load_sdxl_pipeline`."""
+    spec = torch_dtype if dtype is None else dtype
+    kwargs = _hub_kwargs(spec, local_files_only) | {"safety_checker": None, "requires_safety_checker": False}
     if not is_local_path(base_model):
         try:
             return StableDiffusionPipeline.from_pretrained(str(base_model), **kwargs)
@@ -283,7 +292,8 @@ def load_sd15_pipeline(
                 f"{config}: no such config folder (for {path}); give a diffusers SD 1.5 folder or hub id")
         check_diffusers_sd15_folder(config)
     config_arg = None if config is None else str(config)
-    return StableDiffusionPipeline.from_single_file(str(path), config=config_arg, **kwargs)
+    single_kwargs = _hub_kwargs(None, local_files_only) | {"safety_checker": None, "requires_safety_checker": False}
+    return single_file_pipeline(StableDiffusionPipeline, str(path), config_arg, spec, single_kwargs)
 
 
 def load_pipeline(
@@ -291,13 +301,15 @@ def load_pipeline(
     family: str = "auto",
     *,
     config: str | Path | None = None,
-    torch_dtype: torch.dtype | None = None,
+    dtype: DtypeSpec = None,
     local_files_only: bool | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> StableDiffusionXLPipeline | StableDiffusionPipeline:
     """`load_sdxl_pipeline` or `load_sd15_pipeline`, as `family` says ("auto": detected from the base model)."""
     loaders = {"sdxl": load_sdxl_pipeline, "sd15": load_sd15_pipeline}
     resolved = resolve_family(family, base_model, config)
-    return loaders[resolved](base_model, config=config, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    return loaders[resolved](base_model, config=config, dtype=torch_dtype if dtype is None else dtype,
+                             local_files_only=local_files_only)
 
 
 def load_clipseg(
