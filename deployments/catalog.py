@@ -104,6 +104,7 @@ DEPLOYMENTS = (
     DeploymentSpec("train", "run_train", "train", "gpu"),
     DeploymentSpec("evaluate", "run_evaluate", "evaluate", "cpu"),
     DeploymentSpec("select", "run_select", "select", "cpu"),
+    DeploymentSpec("extract-lora", "run_extract_lora", "extract-lora", "cpu"),
     DeploymentSpec("watch", "run_watch", "watch", "cpu"),
 )
 

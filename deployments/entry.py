@@ -35,6 +35,7 @@ STAGE_FLOWS = {
     "train": ("likeness.flows.train", "train"),
     "evaluate": ("likeness.flows.evaluate", "evaluate"),
     "select": ("likeness.flows.evaluate", "select"),
+    "extract-lora": ("likeness.flows.lora", "extract_lora"),
     "pipeline": ("likeness.flows.pipeline", "pipeline"),
     "watch": ("likeness.flows.watch", "watch_dataset"),
 }
@@ -256,6 +257,19 @@ def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParamet
     resolved = _start(profile, settings, overrides)
     with run_profile(profile):
         stage_flow("select")(resolved)
+
+
+@flow(name="likeness-extract-lora", log_prints=True)
+def run_extract_lora(profile: str | None = "demo-cpu", settings: Settings | None = None,
+                     overrides: list[str] | None = None) -> None:
+    """Extract a LoRA (settings.lora) from the selected checkpoint, for use on stylized models.
+
+    Args:
+        profile: A profile name (`likeness profiles`) or TOML path; used when the settings form is empty.
+        settings: Every setting, as a form; when given, the profile is ignored.
+        overrides: `key=value` changes on top.
+    """
+    stage_flow("extract-lora")(_start(profile, settings, overrides))
 
 
 @flow(name="likeness-watch", log_prints=True)

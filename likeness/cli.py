@@ -294,3 +294,21 @@ def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) 
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(extra["reason"])
     typer.echo(f"chosen: {extra['copied']}\nreport: {extra['report']}\nplot:   {extra['plot']}")
+
+
+@app.command("extract-lora")
+def extract_lora_command(
+    checkpoint: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint (.safetensors single file or diffusers folder).")],
+    base: Annotated[Path, typer.Option("--base", "-b", help="The base model it was trained from (single file or diffusers folder).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The LoRA .safetensors to write.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer (kohya's --dim).")] = 32,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "bfloat16",
+) -> None:
+    """Extract a LoRA (kohya/A1111/ComfyUI layout) = CHECKPOINT - BASE, reduced to RANK per layer by SVD."""
+    from likeness.models.lora_extract import extract_lora
+
+    try:
+        report = extract_lora(checkpoint, base, output, rank=rank, dtype=dtype)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(report.summary())
