@@ -1,6 +1,7 @@
 """LoRA files (issue 16): extraction by SVD, the kohya/ComfyUI key layout, diffusers' own loader,
 peft-trained adapters saved in the same layout, and the OneTrainer import of LoRA settings."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from likeness.models.checkpoint import CheckpointInfo, TE1_PREFIX, UNET_PREFIX, save_single_file
-from likeness.models.lora import LAYER_PRESETS, apply_lora, is_lora_file
+from likeness.models.lora import apply_lora, is_lora_file
 from likeness.models.lora_extract import extract_lora, low_rank
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny layers: threads only spin on a shared machine
 
 # ComfyUI (comfy/lora.py, model_lora_keys_clip): the text-encoder modules a LoRA may patch, per layer.
 COMFY_CLIP_MODULES = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj",
@@ -53,13 +56,18 @@ def assert_comfy_loads_every_key(lora_path, checkpoint_path, te1_layers):
 
 
 @pytest.fixture(scope="module")
-def tuned_pair(tiny_model_dirs, tmp_path_factory):
-    """The tiny base (diffusers folder) and a 'fine-tuned' single file: every linear and conv weight of
-    the UNet and text encoder 1 moved by seeded noise; text encoder 2 and the VAE untouched."""
+def base_pipeline(tiny_model_dirs):
     from diffusers import StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline.from_pretrained(tiny_model_dirs.sdxl)
+
+
+@pytest.fixture(scope="module")
+def tuned_pair(tiny_model_dirs, base_pipeline, tmp_path_factory):
+    """The tiny base (diffusers folder) and a 'fine-tuned' single file: every linear and conv weight of
+    the UNet and text encoder 1 moved by seeded noise; text encoder 2 and the VAE untouched."""
     base = tiny_model_dirs.sdxl
-    tuned = StableDiffusionXLPipeline.from_pretrained(base)
+    tuned = copy.deepcopy(base_pipeline)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in (tuned.unet, tuned.text_encoder):
@@ -71,10 +79,6 @@ def tuned_pair(tiny_model_dirs, tmp_path_factory):
     return base, path, tuned
 
 
-def _base_pipe(base):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(base)
 
 
 def _relative_error(merged, tuned, base):
@@ -95,14 +99,14 @@ def test_low_rank_matches_the_svd_optimum_and_kohya_shapes():
     assert full.down.shape == (5, 5) and torch.allclose(full.up @ full.down, tall, atol=1e-5)
 
 
-def test_extracted_lora_loads_in_diffusers_and_approaches_the_checkpoint(tuned_pair, tmp_path):
+def test_extracted_lora_loads_in_diffusers_and_approaches_the_checkpoint(tuned_pair, base_pipeline, tmp_path):
     base, checkpoint, tuned = tuned_pair
-    base_pipe = _base_pipe(base)
+    base_pipe = base_pipeline
     errors = []
     for rank in (2, 8, 4096):  # 4096: more than any layer's dimension, i.e. full rank
         out = tmp_path / f"r{rank}.safetensors"
         report = extract_lora(checkpoint, base, out, rank=rank, dtype="float32")
-        pipe = apply_lora(_base_pipe(base), out)
+        pipe = apply_lora(copy.deepcopy(base_pipe), out)
         for part, key in (("unet", "unet"), ("text_encoder", "te1")):
             merged, want, before = (getattr(p, part).state_dict() for p in (pipe, tuned, base_pipe))
             measured = _relative_error(merged, want, before)
@@ -136,10 +140,8 @@ def test_extracted_keys_are_the_ones_comfyui_maps(tuned_pair, tmp_path):
     assert is_lora_file(out) and not is_lora_file(checkpoint)
 
 
-def test_an_unchanged_text_encoder_is_left_out(tiny_model_dirs, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
-    tuned = StableDiffusionXLPipeline.from_pretrained(tiny_model_dirs.sdxl)
+def test_an_unchanged_text_encoder_is_left_out(tiny_model_dirs, base_pipeline, tmp_path):
+    tuned = copy.deepcopy(base_pipeline)
     with torch.no_grad():
         tuned.unet.conv_in.weight.add_(0.05)
     path = tmp_path / "unet-only.safetensors"
@@ -166,13 +168,26 @@ def test_bad_inputs_are_clear_errors(tuned_pair, tiny_sd15_dir, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("preset", sorted(LAYER_PRESETS))
-def test_peft_adapters_save_in_the_same_layout(tiny_model_dirs, tmp_path, preset):
+def test_layer_presets_choose_onetrainers_layers(base_pipeline):
+    from likeness.models.lora_train import layer_filters, lora_target_modules
+
+    unet = base_pipeline.unet
+    attn_only = lora_target_modules(unet, layer_filters("attn-only", None))
+    attn_mlp = lora_target_modules(unet, layer_filters("attn-mlp", None))
+    full = lora_target_modules(unet, layer_filters("full", None))
+    assert attn_only and all(".attn1." in n or ".attn2." in n for n in attn_only)
+    assert set(attn_only) < set(attn_mlp) < set(full)
+    assert all(".attentions." in n for n in attn_mlp) and any(n.endswith(".ff.net.2") for n in attn_mlp)
+    assert "conv_in" in full and "time_embedding.linear_1" in full
+    assert lora_target_modules(unet, layer_filters("full", ["proj_in"])) == [n for n in full if "proj_in" in n]
+
+
+def test_peft_adapters_save_in_the_same_layout(base_pipeline, tmp_path):
     from likeness.models.lora_train import add_lora_adapters, adapter_weights, save_lora_checkpoint
     from likeness.settings import LoraSettings
 
-    pipe = _base_pipe(tiny_model_dirs.sdxl)
-    counts = add_lora_adapters(pipe, ["unet", "text_encoder"], LoraSettings(rank=4, alpha=2.0, layer_preset=preset))
+    pipe = copy.deepcopy(base_pipeline)
+    counts = add_lora_adapters(pipe, ["unet", "text_encoder"], LoraSettings(rank=4, alpha=2.0, layer_preset="full"))
     assert counts["text_encoder"] == 6 * pipe.text_encoder.config.num_hidden_layers
     trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -185,10 +200,10 @@ def test_peft_adapters_save_in_the_same_layout(tiny_model_dirs, tmp_path, preset
     path = save_lora_checkpoint(pipe, ["unet", "text_encoder"], tmp_path / "person-2.safetensors",
                                 CheckpointInfo("base", 2, 8), rank=4, alpha=2.0, dtype="float32")
     checkpoint = tmp_path / "base.safetensors"
-    save_single_file(_base_pipe(tiny_model_dirs.sdxl), checkpoint, CheckpointInfo("base", 0, 0), "float32")
+    save_single_file(base_pipeline, checkpoint, CheckpointInfo("base", 0, 0), "float32")
     names = assert_comfy_loads_every_key(path, checkpoint, pipe.text_encoder.config.num_hidden_layers)
     assert len(names) == counts["unet"] + counts["text_encoder"]
-    merged = apply_lora(_base_pipe(tiny_model_dirs.sdxl), path)
+    merged = apply_lora(copy.deepcopy(base_pipeline), path)
     torch.manual_seed(0)
     unet_config = pipe.unet.config
     sample = torch.randn(1, 4, 8, 8)

@@ -10,7 +10,9 @@ from the eigenvectors of the Gram matrix (float64), which is many times faster t
 records it. Unlike kohya, nothing is clamped: at full rank base + LoRA equals the checkpoint.
 
 Weights are read one tensor at a time from the safetensors files (single file or diffusers folder),
-so the peak memory is a few layers, not two models.
+so the peak memory is a few layers, not two models. The maths runs on the CPU with torch's threads;
+on a machine shared with other work, `torch.set_num_threads(1)` (or OMP_NUM_THREADS=1) can be many
+times faster than threads that spin waiting for each other.
 
     likeness extract-lora CHECKPOINT --base BASE -o person-lora.safetensors --rank 32
 """
