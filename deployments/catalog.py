@@ -105,6 +105,7 @@ DEPLOYMENTS = (
     DeploymentSpec("evaluate", "run_evaluate", "evaluate", "cpu"),
     DeploymentSpec("select", "run_select", "select", "cpu"),
     DeploymentSpec("compare-faces", "run_compare_faces", "compare-faces", "cpu"),
+    DeploymentSpec("extract-lora", "run_extract_lora", "extract-lora", "cpu"),
     DeploymentSpec("watch", "run_watch", "watch", "cpu"),
 )
 

@@ -37,6 +37,7 @@ STAGE_FLOWS = {
     "evaluate": ("likeness.flows.evaluate", "evaluate"),
     "select": ("likeness.flows.evaluate", "select"),
     "compare-faces": ("likeness.flows.evaluate", "compare_faces"),
+    "extract-lora": ("likeness.flows.lora", "extract_lora"),
     "pipeline": ("likeness.flows.pipeline", "pipeline"),
     "watch": ("likeness.flows.watch", "watch_dataset"),
 }
@@ -281,6 +282,17 @@ def run_compare_faces(reference: str, images: list[str], output: str | None = No
         overrides: `key=value` changes on top.
     """
     stage_flow("compare-faces")(_start(profile, settings, overrides), reference, images, output)
+
+
+@flow(name="likeness-extract-lora", log_prints=True)
+@fails_cleanly
+@form_parameters
+def run_extract_lora(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
+                     overrides: OverridesParameter = None) -> None:
+    """Extract a LoRA (settings.lora) from the selected checkpoint, for use on stylized models."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        stage_flow("extract-lora")(resolved)
 
 
 @flow(name="likeness-watch", log_prints=True)

@@ -1,6 +1,6 @@
 """The whole pipeline: photos -> prepared dataset -> checkpoints -> grid and scores -> the chosen one.
 
-prepare -> train -> evaluate -> select, each the flow of its own stage (so each shows as a subflow
+prepare -> train -> evaluate -> select (-> extract-lora with `lora.extract = true`), each the flow of its own stage (so each shows as a subflow
 in the Prefect UI and runs alone too), each cached by content: a second run with nothing changed
 finishes with everything `Cached`; a run after adding one evaluation prompt only generates that
 prompt's images; a changed photo redoes that photo, then training and what follows.
@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from likeness.flows.evaluate import evaluate, select
+from likeness.flows.lora import extract_lora
 from likeness.flows.prepare import prepare
 from likeness.flows.train import train
 from likeness.settings import Settings
@@ -36,14 +37,17 @@ class PipelineResult:
     report: Path
     grids: list[Path]
     checkpoints: list[Path]
+    lora: Path | None = None  # the extracted (or trained) LoRA, with lora.extract on
 
     def summary(self) -> str:
+        lora = [f"LoRA:              {self.lora}"] if self.lora else []
         return "\n".join([
             f"chosen checkpoint: {self.chosen}  (from {self.source.name})",
             f"why:               {self.reason}",
             f"report:            {self.report}",
             f"grids:             {', '.join(str(g) for g in self.grids)}",
             f"all checkpoints:   {', '.join(p.name for p in self.checkpoints)}",
+            *lora,
         ])
 
 
@@ -58,10 +62,11 @@ def pipeline(settings: Settings) -> PipelineResult:
     logger.info("trained: %s", trained.summary(), extra=UI_ONLY)  # the train task said it already
     evaluated = evaluate(settings, checkpoints=[str(p) for p in checkpoints])
     selected = read_eval_table(select(settings))["extra"]
+    lora = Path(read_eval_table(extract_lora(settings))["extra"]["lora"]) if settings.lora.extract else None
     grids = read_eval_table(evaluated["grid"])["extra"]["grids"]
     result = PipelineResult(chosen=Path(selected["copied"]), source=Path(selected["source"]),
                             reason=selected["reason"], report=Path(selected["report"]),
-                            grids=[Path(g) for g in grids], checkpoints=checkpoints)
+                            grids=[Path(g) for g in grids], checkpoints=checkpoints, lora=lora)
     logger.info("pipeline done:\n%s", result.summary(), extra=UI_ONLY)  # the CLI prints it
     return result
 

@@ -397,3 +397,21 @@ def compare_faces_command(
         score = "no face" if row["identity"] is None else f"{row['identity']:.3f}"
         typer.echo(f"{row['image']:<{width}}  {score:>8}  {row['box'] or '-'}")
     typer.echo(result.summary())
+
+
+@app.command("extract-lora")
+def extract_lora_command(
+    checkpoint: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint (.safetensors single file or diffusers folder).")],
+    base: Annotated[Path, typer.Option("--base", "-b", help="The base model it was trained from (single file or diffusers folder).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The LoRA .safetensors to write.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="Rank of each layer (kohya's --dim).")] = 32,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "bfloat16",
+) -> None:
+    """Extract a LoRA (kohya/A1111/ComfyUI layout) = CHECKPOINT - BASE, reduced to RANK per layer by SVD."""
+    from likeness.models.lora_extract import extract_lora
+
+    try:
+        report = extract_lora(checkpoint, base, output, rank=rank, dtype=dtype)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(report.summary())

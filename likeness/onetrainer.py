@@ -1,4 +1,4 @@
-"""Import a OneTrainer config (`__version` 6, SDXL or SD 1.5 fine-tune) into likeness settings.
+"""Import a OneTrainer config (`__version` 6, SDXL or SD 1.5 fine-tune, or SDXL LoRA) into likeness settings.
 
     likeness import-onetrainer config.json -o profiles/mine.toml
 
@@ -148,6 +148,8 @@ def import_onetrainer(path: str | Path) -> ImportResult:
     _convert_globals(config, out, warnings)
     _convert_parts(config, out, warnings)
     _convert_optimizer(config.get("optimizer") or {}, out, warnings)
+    if config.get("training_method") == "LORA":
+        _convert_lora(config, out, warnings)
     _convert_sampling(config, out, warnings)
     out["concepts"] = [_convert_concept(c, i, warnings, notes) for i, c in enumerate(config.get("concepts") or [])]
     if not out["concepts"]:
@@ -190,10 +192,10 @@ def _check_supported(config: dict[str, Any], path: Path) -> None:
         raise OneTrainerImportError(
             f"{path}: __version {version!r} is not supported; likeness imports OneTrainer configs of "
             f"__version {SUPPORTED_VERSION} (saved by OneTrainer between 2024-10 and 2025-08)")
-    if config.get("training_method") != "FINE_TUNE":
+    if config.get("training_method") not in ("FINE_TUNE", "LORA"):
         raise OneTrainerImportError(
             f"{path}: training_method {config.get('training_method')!r} is not supported; "
-            "likeness does full fine-tunes only (training_method FINE_TUNE)")
+            "likeness does full fine-tunes and LoRAs (training_method FINE_TUNE or LORA)")
     if config.get("model_type") not in MODEL_TYPES:
         raise OneTrainerImportError(
             f"{path}: model_type {config.get('model_type')!r} is not supported; "
@@ -295,6 +297,42 @@ def _convert_parts(config: dict[str, Any], out: dict[str, Any], warnings: list[s
     for key, part in (("text_encoder_layer_skip", "text_encoder"), ("text_encoder_2_layer_skip", "text_encoder_2")):
         if not (sd15 and part == "text_encoder_2"):
             _set(out, f"training.{part}.clip_skip", int(config.get(key, 0)))
+
+
+def _convert_lora(config: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:
+    """training_method LORA: OneTrainer's lora_* settings -> training.lora (its dropout_probability is the LoRA's)."""
+    from likeness.models.lora import LAYER_PRESETS
+
+    _set(out, "training.method", "lora")
+    out.get("training", {}).pop("caption_dropout_probability", None)
+    lora: dict[str, Any] = {"rank": config.get("lora_rank", 16), "alpha": config.get("lora_alpha", 1.0),
+                            "dropout": config.get("dropout_probability") or 0.0}
+    if (dtype := _dtype(config.get("lora_weight_dtype"), "lora_weight_dtype", warnings)) is not None:
+        lora["weight_dtype"] = dtype
+    preset = config.get("lora_layer_preset")
+    layers = [f.strip() for f in (config.get("lora_layers") or "").split(",") if f.strip()]
+    if preset in LAYER_PRESETS:
+        lora["layer_preset"] = preset
+    if layers != LAYER_PRESETS.get(preset, []) or (preset not in LAYER_PRESETS and not layers):
+        if layers:
+            lora["layers"] = layers
+        else:
+            lora["layer_preset"] = "full"  # an empty OneTrainer filter adapts every layer
+    out.setdefault("training", {})["lora"] = lora
+    if config.get("model_type") != "STABLE_DIFFUSION_XL_10_BASE":
+        raise OneTrainerImportError(f"training_method LORA: model_type {config.get('model_type')!r} is not supported; "
+                                    "likeness trains LoRAs on SDXL only")
+    if config.get("peft_type", "LORA") != "LORA":
+        warnings.append(f"peft_type = {json.dumps(config['peft_type'])}: not supported, training a plain LoRA")
+    if config.get("lora_decompose"):
+        warnings.append("lora_decompose = true (DoRA): not supported, training a plain LoRA")
+    if config.get("lora_model_name"):
+        warnings.append(f"lora_model_name = {json.dumps(config['lora_model_name'])}: continuing an existing LoRA "
+                        "is not supported, starting a new one")
+    if out.get("training", {}).get("text_encoder_2", {}).get("train"):
+        warnings.append("text_encoder_2.train = true: likeness trains LoRAs on the UNet and text encoder 1 only, "
+                        "text encoder 2 stays frozen")
+        out["training"]["text_encoder_2"]["train"] = False
 
 
 def _convert_optimizer(optimizer: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:

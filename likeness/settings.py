@@ -301,7 +301,21 @@ class NoiseSettings(Section):
         return self
 
 
+class LoraSettings(Section):
+    """LoRA training (training.method = "lora"): peft adapters, saved in the kohya/A1111/ComfyUI layout."""
+
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (OneTrainer lora_rank).")
+    alpha: float = Field(1.0, gt=0, description="LoRA alpha; the adapters are scaled by alpha / rank (OneTrainer lora_alpha).")
+    dropout: UnitInterval = Field(0.0, description="Dropout on each adapter's input while training.")
+    layer_preset: Literal["attn-only", "attn-mlp", "full"] = Field(
+        "attn-mlp", description="UNet layers with adapters (OneTrainer lora_layer_preset): attn-only: attention projections; attn-mlp: whole transformer blocks; full: every linear and convolution layer. Text encoder 1 (when trained): all linear layers.")
+    layers: list[str] | None = Field(None, description="Instead of the preset: substrings of the diffusers UNet module names to adapt (OneTrainer lora_layers).")
+    weight_dtype: Dtype = Field("float32", description="Dtype of the adapter weights (OneTrainer lora_weight_dtype).")
+
+
 class TrainingSettings(Section):
+    method: Literal["fine_tune", "lora"] = Field("fine_tune", description="fine_tune: train the weights themselves (the reference run); lora: train LoRA adapters and save LoRA files (training.lora; OneTrainer: training_method).")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA rank, alpha, dropout and layers, for method 'lora' (OneTrainer: lora_*).")
     epochs: int = Field(200, ge=1, description="Passes over the balanced dataset; reference 200 (OneTrainer: epochs).")
     batch_size: int = Field(1, ge=1, description="Images per optimizer step; reference 1 (OneTrainer: batch_size).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches whose gradients add up before one optimizer step; reference 1 (OneTrainer: gradient_accumulation_steps).")
@@ -331,6 +345,8 @@ class TrainingSettings(Section):
             raise ValueError("vae.train: training the VAE is not supported; set vae.train = false")
         if not (self.unet.train or self.text_encoder.train or self.text_encoder_2.train):
             raise ValueError("nothing to train: set unet.train, text_encoder.train or text_encoder_2.train")
+        if self.method == "lora" and self.text_encoder_2.train:
+            raise ValueError("training.method = 'lora' trains the UNet and text encoder 1 only: set text_encoder_2.train = false")
         return self
 
 
@@ -496,6 +512,14 @@ class WatchSettings(Section):
 # --- the whole -------------------------------------------------------------------------------
 
 
+class LoraExtractionSettings(Section):
+    """The extract-lora stage after select: the chosen checkpoint minus the base model, as a LoRA."""
+
+    extract: bool = Field(False, description="Extract a LoRA from the selected checkpoint (for use on stylized models).")
+    rank: int = Field(32, ge=1, le=4096, description="Rank of each layer (at most the layer's smaller dimension).")
+    dtype: Dtype = Field("bfloat16", description="Dtype of the LoRA file.")
+
+
 class Settings(Section):
     """Everything a run needs. Sections mirror the pipeline's stages."""
 
@@ -514,6 +538,7 @@ class Settings(Section):
     backups: BackupSettings = Field(default_factory=BackupSettings, description="Resumable backups of the training state (OneTrainer: backup_after).")
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, description="The X/Y grid of every checkpoint, the likeness scores and the selection of the best checkpoint.")
     watch: WatchSettings = Field(default_factory=WatchSettings, description="The dataset watcher that retrains when the photos change.")
+    lora: LoraExtractionSettings = Field(default_factory=LoraExtractionSettings, description="The extract-lora stage after select: the chosen checkpoint as a LoRA for stylized models.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -525,6 +550,10 @@ class Settings(Section):
             raise ValueError("concepts: no enabled training concept (all are disabled or validation concepts)")
         if any(c.balancing == "auto" for c in training) and not any(c.role == "subject" for c in training):
             raise ValueError("concepts: balancing 'auto' needs an enabled subject concept to balance against")
+        if self.training.method == "lora" and self.saving.format != "safetensors":
+            raise ValueError("training.method = 'lora' saves LoRA .safetensors files: set saving.format = 'safetensors'")
+        if self.training.method == "lora" and self.model.model_type == "sd15":
+            raise ValueError("training.method = 'lora' supports SDXL bases only: set model.model_type = 'sdxl' or method 'fine_tune'")
         if self.optimizer.fused_back_pass and self.training.gradient_accumulation_steps > 1:
             raise ValueError(
                 "optimizer.fused_back_pass cannot be combined with training.gradient_accumulation_steps > 1: "

@@ -25,7 +25,7 @@ def test_installed_console_script_lists_its_commands():
 
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "likeness", "profiles"], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["demo-cpu", "sd15-person", "sdxl-person"]
+    assert out.stdout.split() == ["demo-cpu", "sd15-person", "sdxl-person", "sdxl-person-lora"]
 
 
 def test_settings_shows_overrides():
@@ -50,11 +50,11 @@ def test_import_onetrainer_writes_a_profile_that_loads(tmp_path):
     assert "epochs = 400" in shown.output
 
 
-def test_import_onetrainer_refuses_lora(tmp_path):
-    config = tmp_path / "lora.json"
-    config.write_text(REFERENCE.read_text().replace('"FINE_TUNE"', '"LORA"'))
+def test_import_onetrainer_refuses_an_unsupported_method(tmp_path):
+    config = tmp_path / "embedding.json"
+    config.write_text(REFERENCE.read_text().replace('"FINE_TUNE"', '"EMBEDDING"'))
     result = runner.invoke(app, ["import-onetrainer", str(config), "-o", str(tmp_path / "x.toml")])
-    assert result.exit_code == 2 and "training_method 'LORA' is not supported" in result.output
+    assert result.exit_code == 2 and "training_method 'EMBEDDING' is not supported" in result.output
     assert not (tmp_path / "x.toml").exists()
 
 

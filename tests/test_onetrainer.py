@@ -93,7 +93,7 @@ def test_adamw_maps_its_own_fields(tmp_path, reference):
     ("change", "expected"),
     [
         ({"model_type": "STABLE_DIFFUSION_20"}, "model_type 'STABLE_DIFFUSION_20' is not supported"),
-        ({"training_method": "LORA"}, "training_method 'LORA' is not supported"),
+        ({"training_method": "EMBEDDING"}, "training_method 'EMBEDDING' is not supported"),
         ({"__version": 3}, "__version 3 is not supported"),
         ({"concepts": []}, "no concepts"),
         ({"epochs": 0}, "training.epochs: must be >= 1"),

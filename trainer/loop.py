@@ -162,6 +162,10 @@ def place_models(pipe: Any, settings: Settings, device: torch.device) -> list[st
         module = getattr(pipe, part)
         move(module, HOST if part in offloaded else device)
         module.requires_grad_(part in trained).train(part in trained)
+    if training.method == "lora":  # the parts freeze; only their new adapters train
+        from likeness.models.lora_train import add_lora_adapters
+
+        add_lora_adapters(pipe, trained, training.lora)
     if training.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for part in ("text_encoder", "text_encoder_2"):
@@ -266,7 +270,7 @@ class Trainer:
         if backup is None:
             return None
         for part in self.trained:
-            getattr(self.pipe, part).load_state_dict(backup.weights(part))
+            self._load_trained_weights(part, backup.weights(part), backup.path)
         objects = backup.objects()
         self.optimizer.load_state_dict(objects["optimizer"])
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
@@ -296,7 +300,7 @@ class Trainer:
 
     def backup(self) -> None:
         if self.procs.main:
-            weights = {part: getattr(self.pipe, part).state_dict() for part in self.trained}
+            weights = {part: self._trained_weights(part) for part in self.trained}
             objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
                        "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -309,6 +313,24 @@ class Trainer:
                                keep=self.settings.backups.rolling_count)
             self.log(f"backup {path}")
         self.procs.barrier()
+
+    def _trained_weights(self, part: str) -> dict[str, torch.Tensor]:
+        """What a backup keeps of a part: all its weights, or with LoRA only the adapters."""
+        module = getattr(self.pipe, part)
+        if self.settings.training.method != "lora":
+            return module.state_dict()
+        from likeness.models.lora_train import adapter_weights
+
+        return adapter_weights(module)
+
+    def _load_trained_weights(self, part: str, weights: dict[str, torch.Tensor], where: Path) -> None:
+        module = getattr(self.pipe, part)
+        if self.settings.training.method != "lora":
+            module.load_state_dict(weights)
+            return
+        from likeness.models.lora_train import load_adapter_weights
+
+        load_adapter_weights(module, weights, f"{where}/{part}")
 
     # --- one optimizer step ------------------------------------------------------------------
 
@@ -436,8 +458,7 @@ class Trainer:
                 name = f"{s.prefix}-{epoch}-step{self.step}" + (".safetensors" if s.format == "safetensors" else "")
             info = CheckpointInfo(str(self.settings.model.base_model), epoch, self.step, settings_hash(self.settings))
             with self.averaged():
-                path = save_any_checkpoint(self.pipe, self.ws.checkpoints / name, info, self.settings.training.output_dtype,
-                                       s.format)
+                path = self._save_weights(self.ws.checkpoints / name, info)
             digest = file_digest(path) if path.is_file() else folder_digest(path, HashIndex())
             self.saved.append(SavedCheckpoint(path, digest, epoch, self.step))
             self.log(f"saved {path}")
@@ -462,6 +483,15 @@ class Trainer:
             dist.broadcast_object_list(shared, src=0)
             reason = shared[0]
         return reason
+
+    def _save_weights(self, path: Path, info: CheckpointInfo) -> Path:
+        """A single-file checkpoint (or diffusers folder); with LoRA, one LoRA file of the adapters."""
+        t = self.settings.training
+        if t.method != "lora":
+            return save_any_checkpoint(self.pipe, path, info, t.output_dtype, self.settings.saving.format)
+        from likeness.models.lora_train import save_lora_checkpoint
+
+        return save_lora_checkpoint(self.pipe, self.trained, path, info, t.lora.rank, t.lora.alpha, t.output_dtype)
 
     def reports(self) -> tuple[Path, Path]:
         table, curve = self.ws.report(LOSS_TABLE), self.ws.report(LOSS_CURVE)

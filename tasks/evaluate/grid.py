@@ -128,10 +128,15 @@ def candidates(checkpoints: list[str | Path], settings: Settings, index: HashInd
 
 
 def load_candidate(candidate: Candidate, settings: Settings, device: torch.device) -> Any:
-    """The SDXL or SD 1.5 pipeline of a column (float32 on CPU, the training dtype on a GPU)."""
+    """The SDXL or SD 1.5 pipeline of a column (float32 on CPU, the training dtype on a GPU); a LoRA
+    checkpoint is the base model with the LoRA merged in."""
     from likeness.models.loading import is_single_file, load_pipeline
+    from likeness.models.lora import apply_lora, is_lora_file
 
     base, config = settings.model.base_model, settings.model.config
+    if not candidate.is_base and is_lora_file(candidate.path):
+        base_column = Candidate("base", base, None, 0, "")
+        return apply_lora(load_candidate(base_column, settings, device), candidate.path)
     if config is None and not candidate.is_base and not is_single_file(base):
         config = base  # a single-file checkpoint takes its component configs from the base model
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, settings.training.train_dtype)
