@@ -171,7 +171,8 @@ def _merge(base, extra):
 # demo profile's tiny models and photos. Both are stopped with their children at the end.
 
 SERVE_OVERRIDES = ["training.epochs=1", "sampling.at_start=false", "evaluation.seeds_per_prompt=1", "evaluation.steps=2",
-                   'evaluation.prompts=["photo of ohwx man"]']
+                   'evaluation.prompts=["photo of ohwx man"]',
+                   "evaluation.during_training.every=1"]  # the demo's one in-training evaluation, at epoch 1 of 1
 
 
 def _patient_client(base_url: str):

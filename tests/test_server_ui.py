@@ -100,7 +100,7 @@ def test_ui_lists_deployments_and_shows_stage_logs_and_artifacts(browser, served
 
     stages = {run["flow_name"]: run for run in _named(served, served.run_tree(pipeline_run["id"]))}
     browser.get(f"{served.url}/runs/flow-run/{stages['prepare']['id']}")
-    _wait_for_text(browser, [f"{stage}: 20 processed" for stage in ("scan", "resize", "masks", "captions", "latents")])
+    _wait_for_text(browser, [f"{stage}: 24 processed" for stage in ("scan", "resize", "masks", "captions", "latents")])  # 20 photos + 4 generated
     _screenshot(browser, tmp_path, "prepare-logs")
 
     for stage, key in (("evaluate", "grid"), ("select", "selection")):

@@ -134,8 +134,8 @@ def test_changed_photo_triggers_exactly_one_run_that_redoes_only_it(served, pipe
     assert prepared["state"]["type"] == "COMPLETED", prepared["state"]
     # The stage summary, not its progress lines ("latents: 1 / 1 images"), which arrive first.
     messages = _messages(served, prepared["id"], expect="latents: 1 processed")
-    for stage in ("resize", "masks", "latents"):  # 20 photos, 1 changed: redone alone
-        assert any(m.startswith(f"{stage}: 1 processed, 19 reused") for m in messages), \
+    for stage in ("resize", "masks", "latents"):  # 20 photos + 4 generated, 1 changed: redone alone
+        assert any(m.startswith(f"{stage}: 1 processed, 23 reused") for m in messages), \
             (stage, [m for m in messages if m.startswith(stage)])
     told = _messages(served, triggered["id"], expect="settings from ")
     assert any(m.startswith("settings from the likeness.dataset.changed event of the dataset watcher") for m in told), told
