@@ -84,10 +84,13 @@ def resolve_settings(profile: str | None, settings: Settings | dict[str, Any] | 
 
 
 def settings_source(profile: str | None, settings: Settings | dict[str, Any] | None,
-                    opened: dict[str, Any] | None = None, triggered: bool = False) -> str:
-    """Where the run's settings came from, in words, for the run's log."""
-    if triggered:
+                    opened: dict[str, Any] | None = None, triggered: str | None = None) -> str:
+    """Where the run's settings came from, in words, for the run's log. `triggered`: the name of the
+    automation that created the run (the watcher's retrain trigger, the crash-resume trigger)."""
+    if triggered and "dataset changed" in triggered:
         return f"the {DATASET_CHANGED} event of the dataset watcher (its settings)"
+    if triggered:
+        return f"the automation {triggered!r} (the parameters it passed)"
     if settings is None:
         return f"profile {profile!r}"
     data = settings.model_dump(mode="json") if isinstance(settings, Settings) else dict(settings)
@@ -118,19 +121,24 @@ def deployment_defaults() -> dict[str, Any]:
         return {}
 
 
-def started_by_automation() -> bool:
-    """Whether an automation (the watcher's retrain trigger) created this flow run."""
+def started_by_automation() -> str | None:
+    """The name of the automation (e.g. the watcher's retrain trigger) that created this flow run, if one did."""
+    from uuid import UUID
+
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
     if not flow_run.id:
-        return False
+        return None
     try:
         with get_client(sync_client=True) as client:
             key = client.read_flow_run(flow_run.id).idempotency_key or ""
+            if not key.startswith("automation "):
+                return None
+            automation = client.read_automation(UUID(key.split(",")[0].removeprefix("automation ").strip()))
+            return automation.name if automation else "an automation"
     except Exception:  # noqa: BLE001 - no API: say nothing rather than fail the run
-        return False
-    return key.startswith("automation ")
+        return None
 
 
 def route_library_logs() -> None:

@@ -130,7 +130,9 @@ def test_no_form_is_the_profile_alone():
 
 def test_a_triggered_run_names_the_watchers_event():
     assert "likeness.dataset.changed event of the dataset watcher" in \
-        entry.settings_source("demo-cpu", _opened()["settings"], _opened(), triggered=True)
+        entry.settings_source("demo-cpu", _opened()["settings"], _opened(), triggered="retrain when the dataset changed")
+    assert entry.settings_source("demo-cpu", _opened()["settings"], _opened(), triggered="resume a crashed train") == \
+        "the automation 'resume a crashed train' (the parameters it passed)"
 
 
 def test_changed_fields_and_apply_changes():
