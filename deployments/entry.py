@@ -165,6 +165,13 @@ def _start(profile: str | None, settings: Settings | None, overrides: list[str] 
     return resolved
 
 
+def _run_stage(name: str, profile: str | None, settings: Settings | None, overrides: list[str] | None) -> Any:
+    """Resolve the run's settings, then run the stage flow `name` with hints naming the profile."""
+    resolved = _start(profile, settings, overrides)
+    with run_profile(profile):
+        return stage_flow(name)(resolved)
+
+
 # The form's parameters: a profile dropdown, the settings (opened on the served profile), overrides.
 # Their texts in the UI come from the `Args:` block `form_parameters` adds to each flow's docstring.
 ProfileParameter = Annotated[str, Field(json_schema_extra={"enum": profile_choices()})]
@@ -197,9 +204,7 @@ def run_pipeline(profile: ProfileParameter = "demo-cpu", settings: SettingsParam
 def run_prepare(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                 overrides: OverridesParameter = None) -> None:
     """Prepare the dataset: scan, resize, masks, captions, balancing, manifest, latent cache."""
-    resolved = _start(profile, settings, overrides)
-    with run_profile(profile):
-        stage_flow("prepare")(resolved)
+    _run_stage("prepare", profile, settings, overrides)
 
 
 @flow(name="likeness-stage", log_prints=True)
@@ -259,9 +264,7 @@ def check_resumes(resumes: int, limit: int) -> None:
 def run_evaluate(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                  overrides: OverridesParameter = None) -> None:
     """Evaluate the saved checkpoints: the X/Y grid and the scores."""
-    resolved = _start(profile, settings, overrides)
-    with run_profile(profile):
-        stage_flow("evaluate")(resolved)
+    _run_stage("evaluate", profile, settings, overrides)
 
 
 @flow(name="likeness-select", log_prints=True)
@@ -270,9 +273,7 @@ def run_evaluate(profile: ProfileParameter = "demo-cpu", settings: SettingsParam
 def run_select(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                overrides: OverridesParameter = None) -> None:
     """Select the best checkpoint from the evaluation scores and copy it to the output."""
-    resolved = _start(profile, settings, overrides)
-    with run_profile(profile):
-        stage_flow("select")(resolved)
+    _run_stage("select", profile, settings, overrides)
 
 
 @flow(name="likeness-compare-faces", log_prints=True)
@@ -298,9 +299,7 @@ def run_compare_faces(reference: str, images: list[str], output: str | None = No
 def run_extract_lora(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
                      overrides: OverridesParameter = None) -> None:
     """Extract a LoRA (settings.lora) from the selected checkpoint, for use on stylized models."""
-    resolved = _start(profile, settings, overrides)
-    with run_profile(profile):
-        stage_flow("extract-lora")(resolved)
+    _run_stage("extract-lora", profile, settings, overrides)
 
 
 @flow(name="likeness-watch", log_prints=True)
@@ -309,6 +308,4 @@ def run_extract_lora(profile: ProfileParameter = "demo-cpu", settings: SettingsP
 def run_watch(profile: ProfileParameter = "demo-cpu", settings: SettingsParameter = None,
               overrides: OverridesParameter = None) -> None:
     """Fingerprint the concept folders; announce `likeness.dataset.changed` when they differ from the last training."""
-    resolved = _start(profile, settings, overrides)
-    with run_profile(profile):
-        stage_flow("watch")(resolved)
+    _run_stage("watch", profile, settings, overrides)
