@@ -131,6 +131,20 @@ def _form_input(driver, label: str, timeout: float = 60):
     return field.find_element("xpath", "./div[contains(@class, 'p-label__body')]//input | ./div[contains(@class, 'p-label__body')]//textarea")
 
 
+def _click_submit(driver, timeout: float = 60) -> None:
+    """Click the form's Submit once it is enabled: the UI disables it while the form still loads or
+    validates, and a click on a disabled button is silently lost."""
+    deadline = time.monotonic() + timeout
+    while True:
+        buttons = [b for b in driver.find_elements("css selector", "button") if b.text.strip() == "Submit"]
+        if buttons and buttons[0].is_enabled() and buttons[0].get_attribute("aria-disabled") != "true":
+            break
+        assert time.monotonic() < deadline, f"no enabled Submit button on {driver.current_url}"
+        time.sleep(0.5)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", buttons[0])
+    buttons[0].click()
+
+
 def test_custom_run_opens_on_the_profile_and_runs_the_change(browser, served, pipeline_run, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
@@ -148,11 +162,12 @@ def test_custom_run_opens_on_the_profile_and_runs_the_change(browser, served, pi
     epochs.send_keys("2")
     assert epochs.get_attribute("value") == "2"
     _screenshot(browser, tmp_path, "custom-run-form")
-    next(b for b in browser.find_elements("css selector", "button") if b.text.strip() == "Submit").click()
+    _click_submit(browser)
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded 2-core CI machine validates and creates slowly
     while not (new := [r for r in served.runs(deployment_id={"any_": [deployment["id"]]}) if r["id"] not in before]):
-        assert time.monotonic() < deadline, "Submit created no flow run"
+        body = browser.find_element("tag name", "body").text
+        assert time.monotonic() < deadline, f"Submit created no flow run; {browser.current_url} shows:\n{body[:3000]}"
         time.sleep(0.5)
     run = served.wait(new[0]["id"], timeout=900)
     assert run["state"]["type"] == "COMPLETED", run["state"]
