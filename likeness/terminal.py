@@ -16,9 +16,13 @@ the console filter works on plain `logging` records.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import re
+import sys
+import types
 import warnings
 
 from likeness.errors import BadInputError
@@ -59,22 +63,57 @@ class _ToDebug(logging.Handler):
 
 
 def quiet_libraries(debug: bool) -> None:
-    """No library progress bars; library warnings and logs routed to DEBUG (nothing changes in debug mode)."""
+    """No library progress bars; library warnings and logs routed to DEBUG (nothing changes in debug mode).
+
+    diffusers and transformers are quieted when they are imported, not imported here: a cached run
+    never loads a model and should not pay their ~5 s of imports.
+    """
     if debug:
         return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.get_logger()  # makes the library attach its own stderr handler now, so it can be removed
-        library.set_verbosity_warning()
     logging.captureWarnings(True)
     for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [_ToDebug()]
-        logger.propagate = False
+        _route_to_debug(name)
     warnings.filterwarnings("default", category=FutureWarning)  # shown once each, and routed above
+    for module in _LIBRARY_LOGGING_MODULES:
+        if module in sys.modules:
+            _quiet_library(sys.modules[module])
+        elif not any(isinstance(finder, _QuietOnImport) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _QuietOnImport())
+
+
+_LIBRARY_LOGGING_MODULES = ("diffusers.utils.logging", "transformers.utils.logging")
+
+
+def _route_to_debug(name: str) -> None:
+    logger = logging.getLogger(name)
+    logger.handlers = [_ToDebug()]
+    logger.propagate = False
+
+
+def _quiet_library(library_logging: types.ModuleType) -> None:
+    library_logging.disable_progress_bar()
+    library_logging.get_logger()  # makes the library attach its own stderr handler now, so it can be removed
+    library_logging.set_verbosity_warning()
+    _route_to_debug(library_logging.__name__.split(".")[0])
+
+
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """Quiets diffusers' / transformers' logging module right after it is first imported."""
+
+    def find_spec(self, fullname: str, path, target=None):
+        if fullname not in _LIBRARY_LOGGING_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            load(module)
+            _quiet_library(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def report_cleanly(message: str) -> None:

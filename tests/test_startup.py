@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from likeness.deployments import local_server
+from likeness.terminal import QUIET_ENVIRONMENT
 
 HEAVY = ("torch", "prefect", "diffusers", "transformers", "pandas")
 
@@ -15,6 +16,31 @@ def test_help_imports_no_heavy_package():
             f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "likeness" in out and out.strip().splitlines()[-1] == "LOADED []"
+
+
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "cv2")
+
+
+def test_the_flows_and_their_cache_keys_import_no_model_library():
+    """A cached run executes the flows and the tasks' cache keys only: torch & co. are imported by the
+    task bodies that load a model."""
+    code = ("import sys\nfrom likeness.terminal import quiet_libraries\nquiet_libraries(False)\n"
+            "import likeness.flows.pipeline, likeness.flows.lora, likeness.demo, likeness.cli\n"
+            f"print('LOADED', [m for m in {MODEL_LIBRARIES!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_a_library_imported_after_quieting_is_quieted_when_it_loads():
+    code = ("import logging\nfrom likeness.terminal import quiet_libraries\nquiet_libraries(False)\n"
+            "from diffusers.utils import logging as dl\nfrom transformers.utils import logging as tl\n"
+            "dl.get_logger('diffusers.models').warning('diffusers-speaks')\n"
+            "tl.get_logger('transformers.models').warning('transformers-speaks')\n"
+            "print('BARS', dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled())\n")
+    loud = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT and k != "LIKENESS_DEBUG"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=loud)
+    assert "speaks" not in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "BARS False False"
 
 
 def test_a_second_demo_rewrites_none_of_its_inputs(tmp_path, tiny_model_dirs):
