@@ -21,8 +21,8 @@ from likeness.settings import Settings
 from likeness.tasks.common import fails_cleanly, transient
 from likeness.tasks.train import publish_training_report, train_model
 from likeness.tasks.watch import dataset_to_train, record_trained_dataset
-from likeness.trainer.loop import TrainResult
-from likeness.trainer.train_data import check_prepared
+from likeness.trainer.fingerprint import check_prepared
+from likeness.trainer.result import TrainResult
 from likeness.workspace import Workspace
 
 

@@ -37,11 +37,14 @@ def demo_paths(settings: Settings) -> tuple[Path, Path]:
 def write_demo_files(settings: Settings, echo: Callable[[str], None] = print) -> None:
     """Build the tiny models and write the demo photos where the demo profile expects them."""
     from likeness.demo_data import write_demo_photos
-    from likeness.models.tiny import save_tiny_models
+    from likeness.models.tiny_folders import all_complete
 
     models, photos = demo_paths(settings)
     echo(f"[demo] tiny models (random weights, built from configs) in {models}")
-    save_tiny_models(models, seed=settings.run.seed)
+    if not all_complete(models, settings.run.seed):  # building them needs torch, diffusers, transformers
+        from likeness.models.tiny import save_tiny_models
+
+        save_tiny_models(models, seed=settings.run.seed)
     counts = {c.name: (8 if c.role == "subject" else 12) for c in settings.concepts}
     written = write_demo_photos(photos, seed=settings.run.seed, counts=counts)
     echo(f"[demo] photos in {photos}: " + ", ".join(f"{len(v)} {k}" for k, v in written.items()))

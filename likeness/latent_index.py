@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load_file
 
-from likeness.models.conditioning import EncoderOutput, time_ids
 from likeness.settings import Settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch is imported where tensors are read: a cached run reads only the settings helpers
+    import torch
+
+    from likeness.models.conditioning import EncoderOutput
 INDEX_COLUMNS = ["id", "variation", "caption", "latent_path", "text_path", "image_variation", "bucket",
                  "original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
 TIME_ID_COLUMNS = ["original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width"]
@@ -32,6 +34,9 @@ ENCODERS = {  # settings part -> (model subfolder, tokenizer subfolder, tensor n
 
 def load_latents(paths: list[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached latents (B, 4, H/8, W/8) and masks (B, 1, H/8, W/8), all ones where an image has none."""
+    import torch
+    from safetensors.torch import load_file
+
     entries = [load_file(str(p)) for p in paths]
     latents = torch.stack([e["latent"] for e in entries])
     masks = torch.stack([e.get("mask", torch.ones(1, *e["latent"].shape[-2:])) for e in entries])
@@ -40,6 +45,11 @@ def load_latents(paths: list[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_text_outputs(paths: list[str | Path]) -> dict[str, EncoderOutput]:
     """Cached text-encoder outputs by part, batched, as `conditioning.encode_prompt(cached_*=...)` takes them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from likeness.models.conditioning import EncoderOutput
+
     entries = [load_file(str(p)) for p in paths]
     found = {}
     for part in ENCODERS:
@@ -68,10 +78,14 @@ def epoch_rows(index: pd.DataFrame, epoch: int) -> pd.DataFrame:
     return index[(index["image_variation"] == image) & (index["variation"] == text)].set_index("id", drop=False)
 
 
-def index_time_ids(rows: pd.DataFrame, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 6) SDXL time ids of latents.csv rows: original (h, w), crop (top, left), target (h, w)."""
+def index_time_ids(rows: pd.DataFrame, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, 6) SDXL time ids of latents.csv rows: original (h, w), crop (top, left), target (h, w); float32 by default."""
+    import torch
+
+    from likeness.models.conditioning import time_ids
+
     sizes = torch.as_tensor(rows[TIME_ID_COLUMNS].to_numpy(dtype=np.int64))  # (B, 6)
-    return time_ids(sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6], dtype=dtype)
+    return time_ids(sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6], dtype=dtype or torch.float32)
 
 
 def settings_family(settings: Settings) -> str:

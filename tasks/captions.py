@@ -23,21 +23,23 @@ import random
 import re
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 from prefect import get_run_logger, task
 
 from likeness.augment import shuffle_tags, variation_rng
 from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.files import write_atomic
-from likeness.models.devices import resolve_device
 from likeness.settings import CaptionerSettings, Concept
 from likeness.stages import ItemRecords, PrepareError, Progress, Row, StageResult, load_rows, map_cached, write_table
 from likeness.tasks.captions_kosmos2 import MAX_NEW_TOKENS as KOSMOS2_MAX_NEW_TOKENS
 from likeness.tasks.captions_kosmos2 import is_kosmos2, kosmos2_captions
 from likeness.tasks.common import StagePolicy, progress
 from likeness.workspace import Workspace
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a cached run does not pay for it
+    import torch
 
 CAPTIONS_VERSION = 1
 BLIP_MAX_NEW_TOKENS = 40
@@ -92,13 +94,15 @@ def candidates(row: Row, concept: Concept) -> list[str] | None:
     raise ValueError(f"caption source {source.source!r} has no text candidates")
 
 
-@torch.no_grad()
 def generate_captions(images: list[Image.Image], model, processor, max_new_tokens: int, device: torch.device) -> list[str]:
     """Image-to-text captions (BLIP and other transformers captioners, Kosmos-2), cleaned."""
+    import torch
+
     if is_kosmos2(model):
         return [clean_generated(text) for text in kosmos2_captions(images, model, processor, max_new_tokens, device)]
     inputs = processor(images=images, return_tensors="pt").to(device)
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return [clean_generated(text) for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -111,6 +115,8 @@ def token_budget(max_new_tokens: int | None, model) -> int:
 
 def load_captioner(name: str, device: str, kind: str = "auto") -> tuple[object, object, torch.device]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from likeness.models.devices import resolve_device
 
     resolved = resolve_device(device)
     model = AutoModelForImageTextToText.from_pretrained(name).eval().to(resolved)

@@ -19,10 +19,12 @@ Grounding costs about five tokens per entity (phrase tags and a two-index box), 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_TYPE = "kosmos-2"  # config.model_type of Kosmos2ForConditionalGeneration
 GROUNDING_PROMPT = "<grounding>An image of"
@@ -49,10 +51,9 @@ def caption_from_generated(processor: Any, text: str, prompt: str = GROUNDING_PR
     return caption.strip(" ,;:").rstrip(".").strip()
 
 
-@torch.no_grad()
 def kosmos2_captions(images: list[Image.Image], model: Any, processor: Any, max_new_tokens: int,
                      device: torch.device, prompt: str = GROUNDING_PROMPT) -> list[str]:
-    """One caption per image; the batch shares the prompt, so no padding is needed."""
+    """One caption per image; the batch shares the prompt, so no padding is needed (`generate` runs without gradients)."""
     inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt").to(device)
     # input_ids (B, T): <s> <image> 64 image slots </image> + the prompt; pixel_values (B, 3, 224, 224)
     ids = model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],

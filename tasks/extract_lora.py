@@ -15,18 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, digest_parts, file_digest, model_fingerprint
-from likeness.models.lora import is_lora_file
-from likeness.models.lora_extract import PARTS, ExtractionReport, extract_lora
 from likeness.settings import Settings
 from likeness.stages import Counts, StageResult
 from likeness.tasks.common import StagePolicy
 from likeness.tasks.evaluate.grid import EvaluationError, eval_table, read_eval_table, write_eval_table
 from likeness.workspace import Workspace
+
+if TYPE_CHECKING:
+    from likeness.models.lora_extract import ExtractionReport
 
 EXTRACT_VERSION = 1
 
@@ -55,6 +57,9 @@ def extract_lora_key(selected: StageResult, settings: Settings, ws: Workspace) -
 def extract_lora_stage(selected: StageResult, settings: Settings, ws: Workspace, index: HashIndex,
                        log: Callable[[str], None] = print) -> StageResult:
     """Extract the chosen checkpoint's LoRA (see the module docstring); the table is evaluation/extract-lora.json."""
+    from likeness.models.lora import is_lora_file  # torch, safetensors: not on a cached run
+    from likeness.models.lora_extract import extract_lora
+
     chosen = read_eval_table(selected)["extra"]
     source = Path(chosen["source"])
     if is_lora_file(source):
@@ -73,6 +78,8 @@ def extract_lora_stage(selected: StageResult, settings: Settings, ws: Workspace,
 
 
 def report_markdown(report: ExtractionReport) -> str:
+    from likeness.models.lora_extract import PARTS
+
     lines = [f"# LoRA extracted: `{report.path.name}`", "",
              f"rank {report.rank}, {report.bytes / 2**20:.1f} MiB, {report.seconds:.1f} s", "",
              "| part | layers | unchanged (left out) | relative error |", "|---|---|---|---|"]

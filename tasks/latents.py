@@ -45,28 +45,26 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageColor
 from prefect import get_run_logger, task
-from safetensors.torch import save
 
 from likeness.augment import Augmented, augment, is_active, is_random, variation_rng
 from likeness.buckets import Bucket
 from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.files import write_atomic
-from likeness.latent_index import (
-    DTYPES, ENCODERS, INDEX_COLUMNS, TIME_ID_COLUMNS, frozen_encoders, settings_family,
-)
+from likeness.latent_index import ENCODERS, INDEX_COLUMNS, TIME_ID_COLUMNS, frozen_encoders, settings_family
 from likeness.manifest import bucket_of, read_manifest
-from likeness.models.conditioning import encode_text, encode_text_sd15
-from likeness.models.devices import resolve_device
 from likeness.settings import ImageAugmentations, Settings
 from likeness.stages import Counts, ItemRecords, Progress, Row, StageResult, map_cached, write_table
 from likeness.tasks.common import StagePolicy, progress
 from likeness.workspace import Workspace
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a cached run does not pay for it
+    import torch
 
 LATENTS_VERSION = 2  # 2: image variations, bucket crops, time-id columns
 INDEX_VERSION = 2  # latents.csv alone (the cached tensors are unchanged): 2: pad-mode time ids of the padded square
@@ -75,24 +73,32 @@ INDEX_VERSION = 2  # latents.csv alone (the cached tensors are unchanged): 2: pa
 def image_tensor(image: str | Path | Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [-1, 1], from a file or an image."""
     image = image if isinstance(image, Image.Image) else Image.open(image)
+    import torch
+
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def mask_tensor(mask: str | Path | Image.Image) -> torch.Tensor:
     """(1, H, W) float32 in [0, 1], from a file or an image."""
+    import torch
+
     mask = mask if isinstance(mask, Image.Image) else Image.open(mask)
     return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
 
 
-@torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8): the latent distribution's mode, unscaled."""
-    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+    import torch
+
+    with torch.no_grad():
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
 
 
 def downscale_masks(masks: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """(B, 1, H, W) -> (B, 1, H/8, W/8), bilinear with antialiasing (as OneTrainer)."""
+    import torch.nn.functional as F
+
     size = (masks.shape[-2] // factor, masks.shape[-1] // factor)
     return F.interpolate(masks, size=size, mode="bilinear", antialias=True, align_corners=False)
 
@@ -108,6 +114,7 @@ class Encoders:
 
 def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: str) -> Encoders:
     """Only the components needed (no UNet), from a diffusers folder / hub id or a single file."""
+    import torch
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -117,9 +124,10 @@ def load_encoders(settings: Settings, need_vae: bool, parts: list[str], device: 
         is_single_file,
         load_pipeline,
     )
+    from likeness.models.devices import resolve_device
 
     base, resolved, family = settings.model.base_model, resolve_device(device), settings_family(settings)
-    dtypes = {part: DTYPES[getattr(settings.training, part).weight_dtype] for part in parts}
+    dtypes = {part: getattr(torch, getattr(settings.training, part).weight_dtype) for part in parts}
     if is_single_file(base):  # components cannot be read alone from an original-layout file
         pipe = load_pipeline(base, family, config=settings.model.config, torch_dtype=torch.float32)
         vae = pipe.vae if need_vae else None
@@ -281,6 +289,8 @@ def make_variation(item: Row, seed: int, fill: tuple[int, int, int] = (255, 255,
 
 
 def _encode_images(batch: list[Row], vae, settings: Settings, ws: Workspace, index: HashIndex) -> list[Row]:
+    import torch
+
     fill = ImageColor.getrgb(settings.resize.background)[:3]
     variations = [make_variation(item, settings.run.seed, fill) for item in batch]
     by_size = defaultdict(list)
@@ -302,6 +312,8 @@ def _encode_images(batch: list[Row], vae, settings: Settings, ws: Workspace, ind
 
 
 def _encode_captions(batch: list[Row], text: dict, settings: Settings, ws: Workspace, index: HashIndex, key) -> list[Row]:
+    from likeness.models.conditioning import encode_text, encode_text_sd15
+
     captions = [row["caption"] for row in batch]
     tensors: list[dict[str, torch.Tensor]] = [{} for _ in batch]
     encode = encode_text_sd15 if settings_family(settings) == "sd15" else encode_text
@@ -316,6 +328,8 @@ def _encode_captions(batch: list[Row], text: dict, settings: Settings, ws: Works
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], index: HashIndex, name: str) -> Row:
+    from safetensors.torch import save
+
     data = save(tensors, metadata={"format": "pt", "likeness_version": str(LATENTS_VERSION)})
     digest = bytes_digest(data)
     write_atomic(path, data)

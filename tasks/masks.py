@@ -26,39 +26,45 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.files import write_atomic
-from likeness.models.devices import resolve_device
 from likeness.settings import Concept, MaskSettings
 from likeness.stages import ItemRecords, Progress, Row, StageResult, load_rows, map_cached, write_table
 from likeness.tasks.common import StagePolicy, progress
 from likeness.tasks.resize import encode
 from likeness.workspace import Workspace
 
+if TYPE_CHECKING:  # torch is imported where tensors are made: a cached run does not pay for it
+    import torch
+
 MASKS_VERSION = 1
 EMPTY_BELOW, FULL_ABOVE = 0.005, 0.95  # coverage outside these is flagged in the report
 
 
-@torch.no_grad()
 def clipseg_probabilities(model, processor, images: list[Image.Image], prompts: list[str],
                           device: torch.device) -> torch.Tensor:
     """Mean over prompts of sigmoid(logits): (B, 1, h, w) at the model's resolution."""
+    import torch
+
     pairs = [image for image in images for _ in prompts]
     inputs = processor(text=prompts * len(images), images=pairs, padding=True, return_tensors="pt").to(device)
-    logits = model(**inputs).logits  # (B*P, h, w); B*P = 1 may come squeezed to (h, w)
+    with torch.no_grad():
+        logits = model(**inputs).logits  # (B*P, h, w); B*P = 1 may come squeezed to (h, w)
     probs = torch.sigmoid(logits.float()).reshape(len(images), len(prompts), *logits.shape[-2:])
     return probs.mean(dim=1, keepdim=True).cpu()
 
 
 def refine(probs: torch.Tensor, size: tuple[int, int], settings: MaskSettings) -> torch.Tensor:
     """(B, 1, h, w) probabilities -> (B, 1, H, W) masks in {0, alpha}: smooth, resize, threshold, expand."""
+    import torch.nn.functional as F
+
     if settings.smooth > 0:
         k = 2 * settings.smooth + 1
         probs = F.avg_pool2d(probs, k, stride=1, padding=settings.smooth, count_include_pad=False)
@@ -167,6 +173,7 @@ def _report(table: list[Row]) -> tuple[str, int]:
 
 
 def load_model(name: str, device: str) -> tuple[object, object, torch.device]:
+    from likeness.models.devices import resolve_device
     from likeness.models.loading import load_clipseg
 
     resolved = resolve_device(device)

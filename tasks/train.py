@@ -5,7 +5,7 @@ artifact `evaluation-during-training` holds one row per in-training evaluation, 
 as the run goes (`EvaluationArtifactSink`).
 
 The cache key is the content training reads (manifest, latent cache index, base model) and the
-training settings (`loop.train_key`): a re-run with nothing changed is `Cached` and loads no model.
+training settings (`fingerprint.train_key`): a re-run with nothing changed is `Cached` and loads no model.
 A retry (or a re-run after a crash) resumes from the newest matching backup by itself; a re-run
 with more `training.epochs` continues the finished run from its last backup (trainer/extend.py).
 """
@@ -22,9 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from likeness.settings import Settings
 from likeness.tasks.common import StagePolicy
-from likeness.trainer.extend import resumable_backup
-from likeness.trainer.loop import TrainResult, train, train_key, training_fingerprint
-from likeness.trainer.tensorboard import sinks_from_settings
+from likeness.trainer.fingerprint import train_key, training_fingerprint
+from likeness.trainer.result import TrainResult
 from likeness.workspace import Workspace
 
 TABLE_ROWS = 200  # the table artifact shows at most about this many steps
@@ -65,6 +64,10 @@ class EvaluationArtifactSink:
 @task(name="train-model", tags=["gpu"], cache_policy=StagePolicy(key_fn=train_key))
 def train_model(settings: Settings, ws: Workspace) -> TrainResult:
     """Fine-tune the base model on the prepared dataset: samples, checkpoints, backups, loss reports."""
+    from likeness.trainer.extend import resumable_backup  # the trainer's imports (torch, diffusers): not on a cached run
+    from likeness.trainer.loop import train
+    from likeness.trainer.tensorboard import sinks_from_settings
+
     backup = resumable_backup(ws.backups, training_fingerprint(settings, ws), settings)  # TensorBoard drops steps after it
     sinks = sinks_from_settings(settings, ws, start_step=backup.step + 1 if backup else None)
     if settings.evaluation.during_training.enabled:

@@ -76,3 +76,12 @@ def test_demo_terminal_shows_only_likeness_lines_each_once(tmp_path):
     assert [noise for noise in NOISE if noise in output] == [], output
     assert output.count("chosen checkpoint:") == 1 and output.count("all checkpoints:") == 1, output
     assert output.count("train: ") == 1 and "[demo] done in" in output, output
+
+    # the re-run, all Cached, loads no model library (issue 18: seconds for what is already done)
+    again = subprocess.run([sys.executable, "-X", "importtime", "-m", "likeness", "demo", "--set", "training.epochs=2",
+                            "--set", "evaluation.seeds_per_prompt=1"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert imported & {"torch", "diffusers", "transformers", "peft", "cv2"} == set(), again.stdout
+    assert again.stdout.count("Cached") >= 10 and "chosen checkpoint:" in again.stdout, again.stdout

@@ -11,6 +11,7 @@ from PIL import Image
 
 from likeness.content import HashIndex
 from likeness.models.checkpoint import CheckpointInfo, save_checkpoint
+from likeness.models import sampling
 from likeness.models.loading import load_sdxl_pipeline
 from likeness.settings import Settings
 from likeness.tasks.evaluate import grid as evaluate_module
@@ -51,7 +52,7 @@ def settings_for(tmp_path: Path, models, prompts=("photo of ohwx man",)) -> Sett
 def counted(monkeypatch):
     """Count generated images and loaded columns."""
     calls = {"images": 0, "loads": []}
-    generate, load = evaluate_module.generate, evaluate_module.load_candidate
+    generate, load = sampling.generate, evaluate_module.load_candidate  # the grid imports generate when it runs
 
     def counting_generate(pipe, prompts, *args, **kwargs):
         calls["images"] += len(prompts)
@@ -61,7 +62,7 @@ def counted(monkeypatch):
         calls["loads"].append(candidate.label)
         return load(candidate, *args)
 
-    monkeypatch.setattr(evaluate_module, "generate", counting_generate)
+    monkeypatch.setattr(sampling, "generate", counting_generate)
     monkeypatch.setattr(evaluate_module, "load_candidate", counting_load)
     return calls
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from likeness.cli import app
 from likeness.flows.evaluate import evaluate, select
 from likeness.flows.prepare import prepare
+from likeness.models import sampling
 from likeness.profiles import write_profile
 from likeness.settings import EvaluationSettings
-from likeness.tasks.evaluate import grid as evaluate_module
 from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_flows", "one_torch_thread")
@@ -45,8 +45,8 @@ def test_evaluate_then_select_end_to_end(prepare_settings, tiny_model_dirs, monk
     first = evaluate(settings)
     assert (first["grid"].processed, first["scores"].processed) == (8, 6)  # 2 columns x 2 prompts x 2 seeds; 2 x 3 metrics
     generated = []
-    original = evaluate_module.generate
-    monkeypatch.setattr(evaluate_module, "generate", lambda pipe, prompts, *a, **k: generated.extend(prompts) or
+    original = sampling.generate  # imported by the grid when it generates
+    monkeypatch.setattr(sampling, "generate", lambda pipe, prompts, *a, **k: generated.extend(prompts) or
                         original(pipe, prompts, *a, **k))
     epoch_4.with_suffix(".later").rename(epoch_4)
     second = evaluate(settings)

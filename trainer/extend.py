@@ -31,24 +31,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from likeness.latent_index import model_parts
 from likeness.settings import Settings
 from likeness.trainer.backup import Backup, list_backups
+from likeness.trainer.fingerprint import run_length, stopping_parts  # noqa: F401  (run_length: re-exported)
 
 # Schedules whose learning rate at a step depends on the run's total step count.
 TOTAL_STEP_SCHEDULES = ("LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
-
-
-def stopping_parts(settings: Settings) -> dict[str, Any]:
-    """Each part of the model with a stop (unit EPOCH or STEP) -> its stop_training_after count."""
-    training = settings.training
-    return {part: getattr(training, part).stop_training_after for part in ("unet", *model_parts(settings))
-            if getattr(training, part).stop_training_after_unit != "NEVER"}
-
-
-def run_length(settings: Settings) -> dict[str, Any]:
-    """How long the run is, as opposed to what its steps do (that is the fingerprint)."""
-    return {"epochs": settings.training.epochs, "stop": stopping_parts(settings)}
 
 
 def done_count(progress: dict[str, Any], unit: str) -> int:

@@ -25,14 +25,13 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from likeness.content import HashIndex, digest_parts, file_digest, folder_digest, model_fingerprint
+from likeness.content import HashIndex, file_digest, folder_digest
 from likeness.latent_index import model_parts, settings_family
 from likeness.models.checkpoint import CheckpointInfo, checkpoint_filename
 from likeness.models.checkpoint_sd15 import save_any_checkpoint
@@ -46,7 +45,10 @@ from likeness.trainer.distributed import (
 )
 from likeness.trainer.ema import EMA
 from likeness.trainer.evaluation import InTrainingEvaluator, scalars as evaluation_scalars
-from likeness.trainer.extend import describe_continuation, resumable_backup, run_length
+from likeness.trainer.extend import describe_continuation, resumable_backup
+from likeness.trainer.fingerprint import (  # noqa: F401  (train_key, training_relevant: re-exported)
+    TRAIN_VERSION, run_length, settings_hash, train_key, training_fingerprint, training_relevant,
+)
 from likeness.trainer.intervals import Interval
 from likeness.trainer.nonfinite import NonFiniteGuard, RollBack, all_finite, likely_causes
 from likeness.trainer.loss import diffusion_losses
@@ -56,83 +58,13 @@ from likeness.trainer.offload import HOST, move, offloaded_parts, on_device
 from likeness.trainer.optimizer import (
     FusedBackPass, build_lr_scheduler, build_optimizer, parts_to_train, set_trained_parts,
 )
+from likeness.trainer.result import SavedCheckpoint, TrainResult
 from likeness.trainer.train_data import Batch, TrainData
 from likeness.workspace import Workspace
 
-TRAIN_VERSION = 2  # 2: the run's length left out of the fingerprint (trainer/extend.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_TABLE, LOSS_CURVE = "loss.csv", "loss.png"
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    path: Path
-    sha256: str
-    epoch: int
-    step: int
-
-
-@dataclass
-class TrainResult:
-    checkpoints: list[SavedCheckpoint]
-    final_checkpoint: Path
-    steps: int
-    epochs: int
-    loss_table: Path
-    loss_curve: Path
-    resumed_from: Path | None = None
-    samples: list[Path] = field(default_factory=list)
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # in-training evaluations (trainer/evaluation.py)
-    stopped_early: str | None = None  # why early stop ended the run before training.epochs
-
-    def summary(self) -> str:
-        resumed = f", resumed from {self.resumed_from.name}" if self.resumed_from else ""
-        resumed += f", stopped early ({self.stopped_early})" if self.stopped_early else ""
-        return (f"train: {self.steps} steps, {self.epochs} epochs{resumed}; {len(self.checkpoints)} checkpoint(s), "
-                f"final {self.final_checkpoint}")
-
-
-# --- settings and data fingerprints ----------------------------------------------------------
-
-
-def training_relevant(settings: Settings) -> dict[str, Any]:
-    """The settings that change the weights of the steps trained (not sampling, saving, backups or run
-    mechanics, nor the run's length: `extend.run_length`). SD 1.5 ignores the text_encoder_2 settings."""
-    relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
-    training = relevant["training"]
-    sd15_unused = ["text_encoder_2"] if settings_family(settings) == "sd15" else []
-    for name in ("iterations_per_second", "max_nonfinite_steps", "epochs", *sd15_unused,  # not what is trained
-                 "offload_frozen", "compile", "compile_backend", "read_loss_every"):       # run mechanics
-        training.pop(name)
-    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        if part in training:
-            training[part].pop("stop_training_after")  # the unit stays: it decides what the count means
-    relevant["seed"] = settings.run.seed
-    relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
-    return relevant
-
-
-def training_fingerprint(settings: Settings, ws: Workspace) -> str:
-    """What a backup must match to be resumed or extended: training settings, the data read, the base model."""
-    index = HashIndex(ws.hash_index)
-    base = model_fingerprint(settings.model.base_model, index)
-    index.save()  # a multi-GB base model is hashed once, then known by its size and mtime
-    return digest_parts("train", TRAIN_VERSION, training_relevant(settings), file_digest(ws.manifest),
-                        file_digest(ws.latents_index), base)
-
-
-def train_key(settings: Settings, ws: Workspace) -> str:
-    """Cache key of the whole training stage: the fingerprint plus what decides the outputs written."""
-    outputs = settings.model_dump(mode="json", include={"sampling", "saving"})
-    if settings.evaluation.during_training.enabled:  # evaluations and early stop change what is written
-        outputs["evaluation"] = settings.evaluation.model_dump(mode="json", exclude={"selection"})
-        outputs["fidelity_tolerance"] = settings.evaluation.selection.fidelity_tolerance
-    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs, str(ws.root))
-
-
-def settings_hash(settings: Settings) -> str:
-    return digest_parts(settings.model_dump(mode="json"))[:16]
 
 
 # --- models ----------------------------------------------------------------------------------

@@ -34,16 +34,9 @@ from likeness.latent_index import epoch_rows, index_time_ids, load_latents, load
 from likeness.manifest import read_manifest
 from likeness.models.conditioning import EncoderOutput
 from likeness.settings import Settings
-from likeness.stages import PrepareError
 from likeness.trainer.epoch_sampler import ConceptItems, Sample, bucketed_sampler
+from likeness.trainer.fingerprint import RUN_PREPARE, TrainDataError, check_prepared  # noqa: F401  (re-exported)
 from likeness.workspace import Workspace
-
-
-class TrainDataError(PrepareError):
-    """What training reads from prepare is missing or stale: run prepare again (the message says how)."""
-
-
-RUN_PREPARE = "run `likeness prepare --profile <profile>` first"
 
 
 @dataclass
@@ -55,14 +48,6 @@ class Batch:
     cached: dict[str, EncoderOutput]
     time_ids: torch.Tensor  # (B, 6)
     loss_weight: torch.Tensor  # (B,)
-
-
-def check_prepared(ws: Workspace) -> None:
-    """Raise TrainDataError naming the prepare stage whose output is missing."""
-    for stage, path in (("manifest", ws.manifest), ("latents", ws.latents_index)):
-        if not path.is_file():
-            raise TrainDataError(f"training needs the output of the prepare stage '{stage}' ({path}), "
-                                 f"which does not exist: {RUN_PREPARE}")
 
 
 def latents_index(path: Path) -> pd.DataFrame:

@@ -27,8 +27,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,13 +35,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from likeness.files import atomic_path, temporary_folder
+from likeness.models.checkpoint_info import (  # noqa: F401  (re-exported)
+    ARCHITECTURE, FOLDER_METADATA, CheckpointInfo, likeness_version, load_checkpoint_metadata,
+)
 
-ARCHITECTURE = "stable-diffusion-xl-v1-base"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
-FOLDER_METADATA = "likeness.json"  # a diffusers-folder checkpoint's metadata, written last
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -64,33 +63,6 @@ class Rule(NamedTuple):
     prefix: str
     renames: Mapping[str, str] = {}
     conv1x1: bool = False
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a checkpoint carries besides weights; selection reads this, not the run's memory."""
-
-    base_model: str
-    epoch: int
-    step: int
-    settings_hash: str = ""
-    dtype: str = ""
-    version: str = ""
-    architecture: str = ARCHITECTURE
-
-    def metadata(self) -> dict[str, str]:
-        """safetensors metadata: strings only."""
-        return {"format": "pt", "modelspec.architecture": self.architecture,
-                "likeness.base_model": self.base_model, "likeness.epoch": str(self.epoch),
-                "likeness.step": str(self.step), "likeness.settings_hash": self.settings_hash,
-                "likeness.dtype": self.dtype, "likeness.version": self.version or likeness_version()}
-
-
-def likeness_version() -> str:
-    try:
-        return package_metadata.version("likeness")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def output_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -316,28 +288,6 @@ def _replace_folder(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint_metadata(path: str | Path) -> CheckpointInfo:
-    """The metadata of a checkpoint this module wrote (a .safetensors file or a diffusers folder)."""
-    path = Path(path)
-    if path.is_dir():
-        try:
-            raw = json.loads((path / FOLDER_METADATA).read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: no readable {FOLDER_METADATA} ({error}); not a likeness checkpoint") from error
-    else:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-        except Exception as error:  # safetensors raises its own types for missing or corrupt files
-            raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
-    if "likeness.epoch" not in raw:
-        raise ValueError(f"{path}: no likeness metadata (written by another tool?)")
-    return CheckpointInfo(base_model=raw.get("likeness.base_model", ""), epoch=int(raw["likeness.epoch"]),
-                          step=int(raw.get("likeness.step", 0)), settings_hash=raw.get("likeness.settings_hash", ""),
-                          dtype=raw.get("likeness.dtype", ""), version=raw.get("likeness.version", ""),
-                          architecture=raw.get("modelspec.architecture", ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,10 +21,6 @@ SD 1.5-shaped StableDiffusionPipeline folder (one text encoder, no addition embe
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,8 +54,8 @@ from transformers import (
     ViTModel,
 )
 
-BUILDER_VERSION = 2  # bump when a config or the vocabulary changes: saved folders are rebuilt
-MARKER = "likeness-tiny.json"  # written last: a folder with it is complete
+from likeness.models.tiny_folders import BUILDER_VERSION, MARKER, is_complete, write_atomically  # noqa: F401  (re-exported)
+
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TE1_WIDTH, TE2_WIDTH, TE2_PROJECTION = 32, 48, 32  # different widths: see text_encoder_configs
@@ -304,18 +300,6 @@ def build_tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
 # --- saving --------------------------------------------------------------------------------
 
 
-def _marker(kind: str, seed: int) -> dict[str, object]:
-    return {"builder": "likeness.models.tiny", "version": BUILDER_VERSION, "kind": kind, "seed": seed}
-
-
-def is_complete(folder: Path, kind: str, seed: int) -> bool:
-    """Whether `folder` holds a finished build of this kind, seed and builder version."""
-    try:
-        return json.loads((folder / MARKER).read_text()) == _marker(kind, seed)
-    except (OSError, ValueError):
-        return False
-
-
 def _save_sdxl(folder: Path, seed: int) -> None:
     build_tiny_sdxl(seed).save_pretrained(folder)
 
@@ -334,42 +318,14 @@ def _save_pair(build: Callable[[int], tuple]) -> Callable[[Path, int], None]:
     return save
 
 
-def _write_atomically(target: Path, kind: str, seed: int, save: Callable[[Path, int], None]) -> Path:
-    """Build into a temporary sibling, write the marker last, then rename it into place."""
-    if is_complete(target, kind, seed):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        save(tmp, seed)
-        (tmp / MARKER).write_text(json.dumps(_marker(kind, seed), indent=2) + "\n")
-        _replace_folder(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; a stale or incomplete `target` is moved aside and deleted."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(new, target)
-    except OSError:  # another process finished the same build first: keep theirs
-        if not target.is_dir():
-            raise
-
-
 def save_tiny_models(out_dir: Path, seed: int = 0) -> TinyModels:
     """Write out_dir/sdxl, clipseg, dino and clip; complete folders of the same seed are reused."""
     out_dir = Path(out_dir)
     return TinyModels(
-        sdxl=_write_atomically(out_dir / "sdxl", "sdxl", seed, _save_sdxl),
-        clipseg=_write_atomically(out_dir / "clipseg", "clipseg", seed, _save_clipseg),
-        dino=_write_atomically(out_dir / "dino", "dino", seed, _save_pair(build_tiny_dino)),
-        clip=_write_atomically(out_dir / "clip", "clip", seed, _save_pair(build_tiny_clip)),
+        sdxl=write_atomically(out_dir / "sdxl", "sdxl", seed, _save_sdxl),
+        clipseg=write_atomically(out_dir / "clipseg", "clipseg", seed, _save_clipseg),
+        dino=write_atomically(out_dir / "dino", "dino", seed, _save_pair(build_tiny_dino)),
+        clip=write_atomically(out_dir / "clip", "clip", seed, _save_pair(build_tiny_clip)),
     )
 
 
@@ -425,7 +381,7 @@ def _save_sd15(folder: Path, seed: int) -> None:
 
 def save_tiny_sd15(out_dir: Path, seed: int = 0) -> Path:
     """Write out_dir/sd15 (a diffusers StableDiffusionPipeline folder); a complete one of the same seed is reused."""
-    return _write_atomically(Path(out_dir) / "sd15", "sd15", seed, _save_sd15)
+    return write_atomically(Path(out_dir) / "sd15", "sd15", seed, _save_sd15)
 
 
 def main(argv: list[str] | None = None) -> None:

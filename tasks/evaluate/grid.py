@@ -26,10 +26,9 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 from PIL import Image
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -38,15 +37,17 @@ from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest,
 from likeness.files import write_atomic
 from likeness.latent_index import model_parts
 from likeness.manifest import read_manifest
-from likeness.models.checkpoint import FOLDER_METADATA, load_checkpoint_metadata
-from likeness.models.devices import resolve_device
-from likeness.models.sampling import generate, save_sample
+from likeness.models.checkpoint_info import FOLDER_METADATA, load_checkpoint_metadata
 from likeness.settings import Settings
 from likeness.stages import Counts, ItemRecords, PrepareError, Progress, Row, StageResult, map_cached
 from likeness.tasks.common import StagePolicy
-from likeness.tasks.evaluate.class_prior import LossKind, deterministic_loss, loss_rows
 from likeness.tasks.evaluate.image_grid import grid_image, thumbnail
 from likeness.workspace import Workspace
+
+if TYPE_CHECKING:  # models and torch are imported where images are made: a cached run does not pay for them
+    import torch
+
+    from likeness.tasks.evaluate.class_prior import LossKind
 
 EVALUATE_VERSION = 1
 LOSSES: dict[str, LossKind] = {"class_prior_loss": "class_prior", "validation_loss": "validation"}
@@ -130,6 +131,8 @@ def candidates(checkpoints: list[str | Path], settings: Settings, index: HashInd
 def load_candidate(candidate: Candidate, settings: Settings, device: torch.device) -> Any:
     """The SDXL or SD 1.5 pipeline of a column (float32 on CPU, the training dtype on a GPU); a LoRA
     checkpoint is the base model with the LoRA merged in."""
+    import torch
+
     from likeness.models.loading import is_single_file, load_pipeline
     from likeness.models.lora import apply_lora, is_lora_file
 
@@ -196,6 +199,8 @@ def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index:
     items = [{"prompt_index": p, "prompt": prompt, "seed": seed}
              for p, prompt in enumerate(settings.evaluation.prompts) for seed in seeds(settings)]
     loss_inputs = _loss_inputs(settings, ws, index)
+    from likeness.models.devices import resolve_device
+
     device = resolve_device(settings.run.device)
     rows, losses, counts = [], {}, Counts()
     for done, column in enumerate(columns):
@@ -220,6 +225,8 @@ def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index:
 
 def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settings, ws: Workspace,
                      index: HashIndex) -> tuple[list[Row], Counts]:
+    from likeness.models.sampling import generate, save_sample
+
     gen = generation_settings(settings)
     folder = evaluation_dir(ws) / "images"
 
@@ -245,6 +252,8 @@ def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settin
 
 def _loss_inputs(settings: Settings, ws: Workspace, index: HashIndex) -> dict[str, tuple[list[Row], str]]:
     """Per enabled loss metric: its rows from the latent cache and a digest of what they read."""
+    from likeness.tasks.evaluate.class_prior import loss_rows
+
     wanted = [m for m in settings.evaluation.metrics if m in LOSSES]
     if not wanted:
         return {}
@@ -264,6 +273,8 @@ def _loss_inputs(settings: Settings, ws: Workspace, index: HashIndex) -> dict[st
 
 def _column_losses(column: Candidate, inputs: dict[str, tuple[list[Row], str]], pipe, settings: Settings,
                    ws: Workspace, index: HashIndex) -> dict[str, float | None]:
+    from likeness.tasks.evaluate.class_prior import deterministic_loss
+
     records = ItemRecords(evaluation_dir(ws) / "records" / "losses", index)
     values = {}
     for metric, (rows, content) in inputs.items():
@@ -281,6 +292,8 @@ def _column_losses(column: Candidate, inputs: dict[str, tuple[list[Row], str]], 
 
 def write_grids(columns: list[Candidate], rows: list[Row], settings: Settings, ws: Workspace) -> list[Path]:
     """One grid per prompt (rows = seeds) and the overview (rows = prompts, first seed); overview last."""
+    from likeness.models.sampling import save_sample
+
     by_cell = {(r["checkpoint"], r["prompt_index"], r["seed"]): r["image"] for r in rows}
     labels, folder, first = [c.label for c in columns], evaluation_dir(ws) / "grids", seeds(settings)[0]
     paths = []

@@ -33,18 +33,7 @@ from prefect.artifacts import create_table_artifact
 from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.files import write_atomic
 from likeness.manifest import read_manifest
-from likeness.models.devices import resolve_device
-from likeness.models.embeddings import (
-    clip_text_embeddings,
-    clipseg_head_masks,
-    embed_images,
-    head_crop,
-    load_embedder,
-    mean_paired_similarity,
-    mean_pairwise_similarity,
-)
-from likeness.models.faces import SUMMARY_KEYS, load_face_models, open_photo, reference_embeddings, score_identity
-from likeness.models.prompt_weights import plain_text
+from likeness.models.faces import SUMMARY_KEYS, default_model_paths, load_face_models, open_photo, reference_embeddings, score_identity
 from likeness.settings import Settings
 from likeness.stages import Counts, ItemRecords, Row, StageResult
 from likeness.tasks.common import StagePolicy
@@ -88,8 +77,11 @@ def scores_key(grid: StageResult, settings: Settings, ws: Workspace) -> str:
 def face_settings(settings: Settings, index: HashIndex) -> Any:
     """What changes a face identity: the two model files' content and the detection threshold."""
     e = settings.evaluation
-    models = load_face_models(e.face_detector, e.face_recognizer, e.face_score_threshold)
-    return [index.digest(path) for path in models.files], e.face_score_threshold
+    defaults = default_model_paths() if e.face_detector is None or e.face_recognizer is None else (None, None)
+    files = [Path(e.face_detector or defaults[0]), Path(e.face_recognizer or defaults[1])]
+    if not all(path.is_file() for path in files):
+        load_face_models(e.face_detector, e.face_recognizer, e.face_score_threshold)  # says which file is wrong
+    return [index.digest(path) for path in files], e.face_score_threshold  # no model load (nor cv2) for a key
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -109,6 +101,8 @@ def reference_rows(ws: Workspace) -> list[Row]:
 
 def reference_crop(row: Row, head_crops: bool) -> Image.Image:
     """A training photo's head (its mask's box), or the photo's area on the padded canvas without a mask."""
+    from likeness.models.embeddings import head_crop
+
     image = Image.open(row["prepared_path"]).convert("RGB")
     if not head_crops:
         return image
@@ -123,6 +117,9 @@ class Inputs:
     """Models, photos and crops, each loaded on first use (nothing loads when every record hits)."""
 
     def __init__(self, settings: Settings, ws: Workspace):
+        from likeness.models.devices import resolve_device  # here: torch and the models are not needed for a key
+        from likeness.models.embeddings import embed_images, load_embedder
+
         self.settings, self.ws, self.device = settings, ws, resolve_device(settings.run.device)
         self.embedder = cache(lambda kind: load_embedder(kind, _model_name(settings, kind), self.device))
         self.references = cache(lambda kind: embed_images(self.embedder(kind), self._photos()))
@@ -149,6 +146,8 @@ class Inputs:
         return load_model(self.settings.masks.model, self.settings.run.device)
 
     def crops(self, paths: list[str]) -> list[Image.Image]:
+        from likeness.models.embeddings import clipseg_head_masks, head_crop
+
         images = [Image.open(p).convert("RGB") for p in paths]
         if not self.settings.evaluation.head_crops:
             return images
@@ -161,6 +160,9 @@ class Inputs:
 
 def measure(metric: str, inputs: Inputs, images: list[Row]) -> float:
     """One image metric of one column's images."""
+    from likeness.models.embeddings import clip_text_embeddings, embed_images, mean_paired_similarity, mean_pairwise_similarity
+    from likeness.models.prompt_weights import plain_text
+
     embedder = inputs.embedder(IMAGE_METRICS[metric])
     if metric == "clip_t":
         pictures = embed_images(embedder, [Image.open(r["image"]) for r in images])
