@@ -108,6 +108,10 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if part in training:
             training[part].pop("stop_training_after")  # the unit stays: it decides what the count means
+    for concept in relevant["concepts"]:  # where the photos lie is not what is trained: the manifest has their content
+        concept.pop("path")
+        concept["caption"].pop("path")
+    relevant["model"].pop("base_model")  # keyed by its content (training_fingerprint)
     relevant["seed"] = settings.run.seed
     relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
     return relevant
@@ -115,7 +119,7 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
 
 def training_fingerprint(settings: Settings, ws: Workspace) -> str:
     """What a backup must match to be resumed or extended: training settings, the data read, the base model."""
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     base = model_fingerprint(settings.model.base_model, index)
     index.save()  # a multi-GB base model is hashed once, then known by its size and mtime
     return digest_parts("train", TRAIN_VERSION, training_relevant(settings), file_digest(ws.manifest),
@@ -128,7 +132,7 @@ def train_key(settings: Settings, ws: Workspace) -> str:
     if settings.evaluation.during_training.enabled:  # evaluations and early stop change what is written
         outputs["evaluation"] = settings.evaluation.model_dump(mode="json", exclude={"selection"})
         outputs["fidelity_tolerance"] = settings.evaluation.selection.fidelity_tolerance
-    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs, str(ws.root))
+    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs)
 
 
 def settings_hash(settings: Settings) -> str:
@@ -282,7 +286,8 @@ class Trainer:
         self.step, self.losses = backup.step, LossLog(objects["losses"])
         if self.evaluator is not None:  # the evaluation history goes on where the backup left it
             self.evaluator.history = list(objects.get("evaluations") or [])
-        saved = [SavedCheckpoint(Path(path), sha, int(epoch), int(step)) for path, sha, epoch, step in objects.get("saved", [])]
+        saved = [SavedCheckpoint(self.ws.absolute(path), sha, int(epoch), int(step))
+                 for path, sha, epoch, step in objects.get("saved", [])]
         self.saved = [c for c in saved if c.path.exists()]  # a finished run's checkpoints stay listed
         restore_rng(objects["rng"])
         for line in describe_continuation(backup.progress, self.settings, self.total_steps):
@@ -305,7 +310,7 @@ class Trainer:
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
                        "ema": self.ema.state_dict() if self.ema is not None else None,
                        "evaluations": self.evaluator.history if self.evaluator is not None else [],
-                       "saved": [[str(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
+                       "saved": [[self.ws.relative(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
             progress = {"epoch": self.epoch, "step": self.step, "batch": self.data.sampler.position.batch,
                         "length": run_length(self.settings), "total_steps": self.total_steps}
             path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,
