@@ -48,7 +48,6 @@ def run_plain(settings) -> None:
     """The pipeline's stage functions in the order the flows call them, without Prefect."""
     from likeness.tasks.balance import balance_stage
     from likeness.tasks.captions import captions_stage
-    from likeness.content import HashIndex
     from likeness.tasks.scan import scan_stage
     from likeness.tasks.evaluate.grid import grid_stage
     from likeness.tasks.latents import latents_stage
@@ -61,7 +60,7 @@ def run_plain(settings) -> None:
     from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     s, device = settings, settings.run.device
     scan, _ = scan_stage(s.concepts, s.resize.min_side, ws, index, workers=2)
     resize = resize_stage(scan, s.resize, ws, index, workers=2)

@@ -26,6 +26,7 @@ from likeness.settings import Settings
 from likeness.tasks.common import fails_cleanly
 from likeness.terminal import UI_ONLY
 from likeness.tasks.evaluate.grid import read_eval_table
+from likeness.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,16 @@ def _no_subflow_heartbeats():
 @fails_cleanly
 def pipeline(settings: Settings) -> PipelineResult:
     """Prepare the photos, train, evaluate every checkpoint, select the best one."""
-    logger = get_run_logger()
+    logger, ws = get_run_logger(), Workspace.from_settings(settings)
     with _no_subflow_heartbeats():
         prepare(settings)
         trained = train(settings)
         checkpoints = [c.path for c in trained.checkpoints]
         logger.info("trained: %s", trained.summary(), extra=UI_ONLY)  # the train task said it already
         evaluated = evaluate(settings, checkpoints=[str(p) for p in checkpoints])
-        selected = read_eval_table(select(settings))["extra"]
-        lora = Path(read_eval_table(extract_lora(settings))["extra"]["lora"]) if settings.lora.extract else None
-    grids = read_eval_table(evaluated["grid"])["extra"]["grids"]
+        selected = read_eval_table(select(settings), ws)["extra"]
+        lora = Path(read_eval_table(extract_lora(settings), ws)["extra"]["lora"]) if settings.lora.extract else None
+    grids = read_eval_table(evaluated["grid"], ws)["extra"]["grids"]
     result = PipelineResult(chosen=Path(selected["copied"]), source=Path(selected["source"]),
                             reason=selected["reason"], report=Path(selected["report"]),
                             grids=[Path(g) for g in grids], checkpoints=checkpoints, lora=lora)

@@ -36,10 +36,10 @@ def train(settings: Settings) -> TrainResult:
     task = train_model.with_options(retries=settings.run.retries, retry_delay_seconds=settings.run.retry_delay_seconds,
                                     retry_condition_fn=transient, result_storage=ws.prefect_results)
     state = task(settings=settings, ws=ws, return_state=True)
-    result: TrainResult = state.result()
+    result: TrainResult = ws.local(state.result())
     if state.name == "Cached" and not all(c.path.exists() for c in result.checkpoints):
         get_run_logger().warning("train: checkpoints of the cached run vanished; training again")
-        result = task.with_options(refresh_cache=True)(settings=settings, ws=ws)
+        result = ws.local(task.with_options(refresh_cache=True)(settings=settings, ws=ws))
     publish_training_report(result)
     record_trained_dataset(settings, dataset)  # every way of training tells the watcher what it trained on
     return result

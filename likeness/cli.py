@@ -349,12 +349,14 @@ def evaluate(profile: ProfileOption = "demo-cpu", set_: SetOption = None, checkp
     """Grid of every checkpoint x prompts x seeds (base model first) and scores per checkpoint (cached)."""
     from likeness.flows.evaluate import evaluate as evaluate_flow
     from likeness.tasks.evaluate.grid import read_eval_table
+    from likeness.workspace import Workspace
 
     paths = [str(p) for p in checkpoint] if checkpoint else None
-    results = _run_prepare(profile, lambda: evaluate_flow(_settings(profile, set_), paths))
+    settings = _settings(profile, set_)
+    results = _run_prepare(profile, lambda: evaluate_flow(settings, paths))
     for result in results.values():
         typer.echo(result.summary())
-    grids = read_eval_table(results["grid"])["extra"]["grids"]
+    grids = read_eval_table(results["grid"], Workspace.from_settings(settings))["extra"]["grids"]
     typer.echo(f"grids:  {', '.join(grids)}")
     typer.echo(f"scores: {results['scores'].table.with_suffix('.csv')}")
 
@@ -364,8 +366,10 @@ def select_command(profile: ProfileOption = "demo-cpu", set_: SetOption = None) 
     """Pick the best checkpoint from the evaluation scores and copy it to the output destination."""
     from likeness.flows.evaluate import select as select_flow
     from likeness.tasks.evaluate.grid import read_eval_table
+    from likeness.workspace import Workspace
 
-    extra = read_eval_table(_run_prepare(profile, lambda: select_flow(_settings(profile, set_))))["extra"]
+    settings = _settings(profile, set_)
+    extra = read_eval_table(_run_prepare(profile, lambda: select_flow(settings)), Workspace.from_settings(settings))["extra"]
     for warning in extra["warnings"]:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(extra["reason"])

@@ -4,7 +4,7 @@ A `HashIndex` remembers (size, mtime_ns) -> sha256 per file, so a re-run with no
 stats files instead of reading them; the content hash stays the key. Models are fingerprinted by
 the content of their files (a local folder or single file) or by their hub id.
 
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     key = digest_parts("resize", 1, index.digest(photo), settings.resize.resolution)
     index.save()
 """
@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,17 @@ def digest_parts(*parts: Any) -> str:
 
 
 class HashIndex:
-    """File content hashes, remembered by (size, mtime_ns) in a JSON file (or only in memory)."""
+    """File content hashes, remembered by (size, mtime_ns) in a JSON file (or only in memory).
 
-    def __init__(self, path: str | Path | None = None):
+    Files are named in the index by `name` (an absolute path -> its entry's name; default: the
+    absolute path itself) and found again by `locate`: `Workspace.hashes()` names them relative to
+    the workspace and concept folders, so a moved workspace keeps its index.
+    """
+
+    def __init__(self, path: str | Path | None = None, name: Callable[[str], str] = str,
+                 locate: Callable[[str], Any] = Path):
         self.path = Path(path) if path else None
+        self._name, self._locate = name, locate
         self._entries: dict[str, list] = {}
         self._lock = threading.Lock()
         self._dirty = False
@@ -54,19 +61,20 @@ class HashIndex:
 
     def digest(self, path: str | Path) -> str:
         """The sha256 of `path`, read from disk only when its size or mtime changed."""
-        name = str(Path(path).resolve())
-        stat = os.stat(name)
+        file = str(Path(path).resolve())
+        stat = os.stat(file)
+        name = self._name(file)
         entry = self._entries.get(name)
         if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
             return entry[2]
-        value = file_digest(name)
+        value = file_digest(file)
         self._store(name, stat, value)
         return value
 
     def remember(self, path: str | Path, digest: str) -> None:
         """Record the hash of a file just written from bytes we already hashed."""
-        name = str(Path(path).resolve())
-        self._store(name, os.stat(name), digest)
+        file = str(Path(path).resolve())
+        self._store(self._name(file), os.stat(file), digest)
 
     def current(self, path: str | Path) -> str | None:
         """The file's hash, or None when it does not exist."""
@@ -79,9 +87,15 @@ class HashIndex:
         if self.path is None or not self._dirty:
             return
         with self._lock:
-            live = {k: v for k, v in self._entries.items() if os.path.exists(k)}
+            live = {k: v for k, v in self._entries.items() if self._exists(k)}
             write_atomic(self.path, json.dumps(live, separators=(",", ":")))
             self._dirty = False
+
+    def _exists(self, name: str) -> bool:
+        try:
+            return os.path.exists(self._locate(name))
+        except LookupError:  # a concept the settings no longer have: forget its files
+            return False
 
     def _store(self, name: str, stat: os.stat_result, value: str) -> None:
         with self._lock:

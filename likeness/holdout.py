@@ -6,7 +6,7 @@ sampler and the evaluation scores them. The choice is deterministic and depends 
 ids, so prepare, train and evaluate agree without passing anything around: per regularization
 concept, the `count` ids with the smallest SHA-256 of the id, never more than half the concept.
 
-    held = heldout_ids(read_manifest(ws.manifest), settings.evaluation.class_prior_images)
+    held = heldout_ids(read_manifest(ws.manifest, ws), settings.evaluation.class_prior_images)
 
 The balance stage takes them out before it counts samples, steps and `auto` balancing
 (`heldout_of`), so its plan is what the trainer runs.

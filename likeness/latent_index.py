@@ -1,10 +1,11 @@
 """The latent cache's index and entries as training and evaluation read them: `workspace/latents.csv`
 and the `cache/latents`, `cache/text` safetensors files the latents stage (tasks/latents.py) writes.
-The formats are described in that stage's docstring.
+The formats are described in that stage's docstring. `latent_path` and `text_path` are stored relative
+to the workspace (`{workspace}/cache/...`); `read_latents_index` gives them absolute.
 
     latents, masks = load_latents(batch["latent_path"])      # for training: (B, 4, h, w), (B, 1, h, w)
     cached = load_text_outputs(batch["text_path"])           # {"text_encoder_2": EncoderOutput, ...}
-    rows = epoch_rows(read_latents_index(ws.latents_index), epoch)  # one row per id for this epoch
+    rows = epoch_rows(read_latents_index(ws.latents_index, ws), epoch)  # one row per id for this epoch
     add_time_ids = index_time_ids(rows.loc[ids])                     # (B, 6)
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from likeness.settings import Settings
+from likeness.workspace import Workspace
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: a cached run reads only the settings helpers
     import torch
@@ -60,12 +62,17 @@ def load_text_outputs(paths: list[str | Path]) -> dict[str, EncoderOutput]:
     return found
 
 
-def read_latents_index(path: str | Path) -> pd.DataFrame:
-    """`latents.csv` as written by the stage (captions and paths as text, empty text_path = none)."""
-    df = pd.read_csv(path, keep_default_na=False, dtype={"id": str, "caption": str, "text_path": str, "bucket": str})
+def read_latents_index(path: str | Path, ws: Workspace | None = None) -> pd.DataFrame:
+    """`latents.csv` as written by the stage (captions and paths as text, empty text_path = none), its
+    paths absolute in `ws` (default: the index's folder, the workspace root)."""
+    ws = ws or Workspace(Path(path).parent)
+    df = pd.read_csv(path, keep_default_na=False, dtype={"id": str, "caption": str, "latent_path": str,
+                                                         "text_path": str, "bucket": str})
     missing = sorted(set(INDEX_COLUMNS) - set(df.columns))
     if missing:
         raise ValueError(f"{path}: columns {missing} missing (written by an older version); run the latents stage again")
+    for column in ("latent_path", "text_path"):
+        df[column] = df[column].map(lambda p: str(ws.absolute(p)) if p else p)
     return df
 
 

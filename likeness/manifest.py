@@ -8,6 +8,7 @@ schema `ManifestSchema` on write and on read:
 | id | `<concept>/<stem>`, unique |
 | concept, role | the concept's name; `subject` or `regularization` |
 | source_path, source_hash | the original photo (never written to) and the sha256 of its bytes |
+| (paths) | every `*_path` is stored relative: `{concept:<name>}/...` or `{workspace}/...` (`Workspace.relative`); `read_manifest` gives them absolute |
 | prepared_path, prepared_hash | the prepared image (resolution x resolution RGB) and its sha256 |
 | mask_path, mask_hash | its `-masklabel.png` (L, same size as the image), or empty |
 | caption | the caption of each text variation, separated by a newline (one line usually) |
@@ -20,7 +21,7 @@ schema `ManifestSchema` on write and on read:
 | loss_weight | multiplies the concept's loss (>= 0) |
 | validation | a validation concept's image: measured, never trained on |
 
-    df = read_manifest(ws.manifest)        # raises ManifestError naming the failing column
+    df = read_manifest(ws.manifest, ws)    # raises ManifestError naming the failing column
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from likeness.workspace import Workspace
 MANIFEST_VERSION = 2  # 2: bucket column
 HEX64 = r"^[0-9a-f]{64}$"
 OPTIONAL = ("mask_path", "mask_hash", "bucket")
+PATHS = ("source_path", "prepared_path", "mask_path", "caption_path")
 
 
 class ManifestError(PrepareError):
@@ -140,17 +142,22 @@ def _describe(cases: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_manifest(df: pd.DataFrame, path: Path) -> str:
-    """Validate and write atomically; returns the sha256 of the bytes written."""
-    df = validate_manifest(df[COLUMNS], path)
+def write_manifest(df: pd.DataFrame, path: Path, ws: Workspace | None = None) -> str:
+    """Validate and write atomically, paths relative (`ws`: default, the manifest's folder); returns the sha256."""
+    df = validate_manifest(df[COLUMNS], path).copy()
+    ws = ws or Workspace(Path(path).parent)
+    for column in PATHS:
+        df[column] = df[column].map(lambda p: ws.relative(p) if isinstance(p, str) and p else p)
     data = df.to_csv(index=False, lineterminator="\n").encode("utf-8")
     write_atomic(path, data)
     return bytes_digest(data)
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The manifest, validated; mask_path / mask_hash are None where there is no mask."""
+def read_manifest(path: str | Path, ws: Workspace | None = None) -> pd.DataFrame:
+    """The manifest, validated, its paths absolute in `ws` (default: the manifest's folder, no concept
+    folders); mask_path / mask_hash are None where there is no mask."""
     path = Path(path)
+    ws = ws or Workspace(path.parent)
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest; run `{rerun_hint('stage manifest')}` (or `{rerun_hint('prepare')}`)")
     text_columns = {c: str for c in COLUMNS if ManifestSchema.to_schema().columns[c].dtype.type in (str, object)}
@@ -158,6 +165,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values={c: [""] for c in OPTIONAL})
     except (ValueError, pd.errors.ParserError) as exc:
         raise ManifestError(f"{path} is not a readable manifest CSV ({exc}); run the manifest stage again") from None
+    for column in set(PATHS) & set(df.columns):
+        df[column] = df[column].map(lambda p: str(ws.absolute(p)) if isinstance(p, str) and p else p)
     df = validate_manifest(df, path)
     for column in OPTIONAL:
         df[column] = df[column].astype(object).where(df[column].notna(), None)
@@ -171,17 +180,17 @@ def manifest_key(resize: StageResult, masks: StageResult, captions: StageResult,
                  concepts: list[Concept], ws: Workspace) -> str:
     keyed = [c.model_dump(mode="json", include={"name", "role", "loss_weight", "validation"}) for c in concepts]
     tables = [r.table_digest for r in (resize, masks, captions, balance)]
-    return digest_parts("manifest", MANIFEST_VERSION, tables, keyed, str(ws.root))
+    return digest_parts("manifest", MANIFEST_VERSION, tables, keyed)
 
 
 def build_manifest(resize: StageResult, masks: StageResult, captions: StageResult, balance: StageResult,
-                   concepts: list[Concept]) -> pd.DataFrame:
-    mask_rows = {r["id"]: r for r in load_rows(masks)}
-    caption_rows = {r["id"]: r for r in load_rows(captions)}
-    plans = {r["id"]: r for r in load_rows(balance)}
+                   concepts: list[Concept], ws: Workspace) -> pd.DataFrame:
+    mask_rows = {r["id"]: r for r in load_rows(masks, ws)}
+    caption_rows = {r["id"]: r for r in load_rows(captions, ws)}
+    plans = {r["id"]: r for r in load_rows(balance, ws)}
     by_name = {c.name: c for c in concepts}
     rows = []
-    for row in load_rows(resize):
+    for row in load_rows(resize, ws):
         key, concept = row["id"], by_name[row["concept"]]
         mask, caption, plan = mask_rows[key], caption_rows[key], plans[row["concept"]]
         rows.append({
@@ -202,9 +211,9 @@ def build_manifest(resize: StageResult, masks: StageResult, captions: StageResul
 def manifest_stage(resize: StageResult, masks: StageResult, captions: StageResult, balance: StageResult,
                    concepts: list[Concept], ws: Workspace, index: HashIndex) -> StageResult:
     """Join the stage tables, validate, write `manifest.csv`, and drop outputs of removed photos."""
-    df = build_manifest(resize, masks, captions, balance, concepts)
-    counts = _changed_rows(ws.manifest, df)
-    digest = write_manifest(df, ws.manifest)
+    df = build_manifest(resize, masks, captions, balance, concepts, ws)
+    counts = _changed_rows(ws, df)
+    digest = write_manifest(df, ws.manifest, ws)
     index.remember(ws.manifest, digest)
     pruned = prune_prepared(ws, df)
     result = write_table(ws, "manifest", MANIFEST_VERSION, [], counts, outputs={str(ws.manifest): digest},
@@ -213,11 +222,11 @@ def manifest_stage(resize: StageResult, masks: StageResult, captions: StageResul
     return result
 
 
-def _changed_rows(previous: Path, df: pd.DataFrame) -> Counts:
+def _changed_rows(ws: Workspace, df: pd.DataFrame) -> Counts:
     """Rows new or different since the manifest last written (processed) and the others (reused)."""
     try:
-        old = read_manifest(previous)
-    except ManifestError:
+        old = read_manifest(ws.manifest, ws)
+    except (ManifestError, LookupError):  # LookupError: a concept the settings no longer have
         return Counts(processed=len(df))
     key = ["id", "prepared_hash", "mask_hash", "caption", "bucket", "balancing", "loss_weight", "validation"]
     before = set(old[key].astype(str).itertuples(index=False))

@@ -7,7 +7,9 @@ way redoes only the items it had not finished. A record is trusted only while th
 as outputs still hold the content it recorded.
 
 Table format (JSON): {"stage", "version", "rows": [{"id": "<concept>/<stem>", ...}, ...],
-"outputs": {path: sha256}, "extra": {...}}. Row ids are `<concept>/<stem path>`.
+"outputs": {path: sha256}, "extra": {...}}. Row ids are `<concept>/<stem path>`. Paths in tables and
+records are stored relative to the workspace or a concept folder (`Workspace.portable`) and read
+back as absolute paths (`Workspace.local`): in memory a row's paths are absolute, on disk relative.
 
     rows, counts = map_cached(items, key=lambda row: digest_parts(...), compute=work, records=records)
     result = write_table(ws, "resize", RESIZE_VERSION, rows, counts)
@@ -111,7 +113,7 @@ def write_table(ws: Workspace, stage: str, version: int, rows: list[Row], counts
     """Write a stage's table atomically; `outputs` defaults to the union of the rows' outputs."""
     if outputs is None:
         outputs = {path: digest for row in rows for path, digest in row.get("outputs", {}).items()}
-    payload = {"stage": stage, "version": version, "rows": rows, "outputs": outputs, "extra": extra or {}}
+    payload = ws.portable({"stage": stage, "version": version, "rows": rows, "outputs": outputs, "extra": extra or {}})
     data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode("utf-8")
     path = write_atomic(ws.table(stage), data)
     return StageResult(stage, path, bytes_digest(data), counts.processed, counts.reused)
@@ -125,15 +127,16 @@ def upstream(ws: Workspace, stage: str, reader: str) -> StageResult:
     return StageResult(stage, path, file_digest(path), 0, 0)
 
 
-def load_rows(result: StageResult) -> list[Row]:
-    return json.loads(result.table.read_text(encoding="utf-8"))["rows"]
+def load_rows(result: StageResult, ws: Workspace) -> list[Row]:
+    """A stage table's rows, their paths absolute in `ws`."""
+    return ws.local(json.loads(result.table.read_text(encoding="utf-8"))["rows"])
 
 
-def outputs_intact(result: StageResult, index: HashIndex) -> bool:
+def outputs_intact(result: StageResult, ws: Workspace, index: HashIndex) -> bool:
     """Whether the table and every output it lists still hold the content recorded (cheap: stats)."""
     if index.current(result.table) != result.table_digest:
         return False
-    outputs = json.loads(result.table.read_text(encoding="utf-8")).get("outputs", {})
+    outputs = ws.local(json.loads(result.table.read_text(encoding="utf-8")).get("outputs", {}))
     return all(index.current(path) == digest for path, digest in outputs.items())
 
 
@@ -141,15 +144,15 @@ def outputs_intact(result: StageResult, index: HashIndex) -> bool:
 
 
 class ItemRecords:
-    """One stage's per-item results, a JSON file per content key."""
+    """One stage's per-item results, a JSON file per content key (paths relative, as in tables)."""
 
-    def __init__(self, folder: Path, index: HashIndex):
-        self.folder, self.index = folder, index
+    def __init__(self, folder: Path, index: HashIndex, ws: Workspace):
+        self.folder, self.index, self.ws = folder, index, ws
 
     def get(self, key: str) -> Row | None:
         try:
-            row = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            row = self.ws.local(json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, LookupError):  # LookupError: a concept the settings no longer have
             return None
         outputs = row.get("outputs", {})
         if all(self.index.current(path) == digest for path, digest in outputs.items()):
@@ -157,7 +160,7 @@ class ItemRecords:
         return None
 
     def put(self, key: str, row: Row) -> None:
-        write_atomic(self.folder / f"{key}.json", json.dumps(row, sort_keys=True, default=str))
+        write_atomic(self.folder / f"{key}.json", json.dumps(self.ws.portable(row), sort_keys=True, default=str))
 
 
 def map_cached(items: Sequence[Row], key: Callable[[Row], str], compute: Callable[[list[Row]], list[Row]],

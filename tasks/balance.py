@@ -20,7 +20,7 @@ balancing_strategy, samples_per_epoch, loss_weight, validation; `extra` holds th
 
     plan = plan_training({"person": 36, "regularization": 5000}, settings.concepts, settings.training)
     plan.steps_per_epoch  # 72
-    plan = plan_rows(load_rows(resize), settings.concepts, settings.training, class_prior_images=8)
+    plan = plan_rows(load_rows(resize, ws), settings.concepts, settings.training, class_prior_images=8)
     plan.steps_per_epoch  # 72 as well: 36 + 4992 x 0.0073 (auto on the 4992 images trained)
 """
 
@@ -176,23 +176,23 @@ def _keyed_training(training: TrainingSettings) -> dict:
                                                      "gradient_accumulation_steps"})
 
 
-def _planned_rows(resize: StageResult) -> list[Row]:
-    return [{"id": row["id"], "concept": row["concept"], "bucket": row.get("bucket", "")} for row in load_rows(resize)]
+def _planned_rows(resize: StageResult, ws: Workspace) -> list[Row]:
+    return [{"id": row["id"], "concept": row["concept"], "bucket": row.get("bucket", "")} for row in load_rows(resize, ws)]
 
 
 def balance_key(resize: StageResult, concepts: list[Concept], training: TrainingSettings, ws: Workspace,
                 class_prior_images: int = 0) -> str:
     keyed = [c.model_dump(mode="json", include={"name", "role", "enabled", "balancing", "balancing_strategy",
                                                  "loss_weight", "validation"}) for c in concepts]
-    rows = sorted((r["id"], r["concept"], r["bucket"]) for r in _planned_rows(resize))  # all balancing reads of them
+    rows = sorted((r["id"], r["concept"], r["bucket"]) for r in _planned_rows(resize, ws))  # all balancing reads of them
     return digest_parts("balance", BALANCE_VERSION, rows, keyed, _keyed_training(training), class_prior_images,
-                        read_measured_speed(ws), str(ws.root))
+                        read_measured_speed(ws))
 
 
 def balance_stage(resize: StageResult, concepts: list[Concept], training: TrainingSettings, ws: Workspace,
                   index: HashIndex, *, class_prior_images: int) -> tuple[StageResult, TrainingPlan]:
     """The plan on the images trained: `class_prior_images` per regularization concept held out first."""
-    plan = plan_rows(_planned_rows(resize), concepts, training, class_prior_images=class_prior_images,
+    plan = plan_rows(_planned_rows(resize, ws), concepts, training, class_prior_images=class_prior_images,
                      measured_its=read_measured_speed(ws))
     if plan.total_steps == 0:
         raise PrepareError("an epoch has no training step: add images, raise a concept's balancing, or lower training.batch_size")
@@ -211,8 +211,8 @@ def balance_stage(resize: StageResult, concepts: list[Concept], training: Traini
 def balance_concepts(resize: StageResult, concepts: list[Concept], training: TrainingSettings, ws: Workspace,
                      class_prior_images: int = 0) -> StageResult:
     """Balancing per concept (`auto` resolved), samples and steps per epoch, total steps, duration."""
-    result, plan = balance_stage(resize, concepts, training, ws, HashIndex(ws.hash_index),
+    result, plan = balance_stage(resize, concepts, training, ws, ws.hashes(),
                                  class_prior_images=class_prior_images)
     create_table_artifact(plan.rows(), key="balancing", description=plan.summary())
     get_run_logger().info("balancing:\n%s", plan.markdown())
-    return result
+    return ws.portable(result)

@@ -140,30 +140,35 @@ def _captioner_settings(captioner: CaptionerSettings, concepts: list[Concept], i
             "kind": captioner.kind}
 
 
+def _keyed_caption(concept: Concept) -> dict:
+    """The caption settings a key records: all but the text file's path (its content is keyed instead)."""
+    return concept.caption.model_dump(mode="json", exclude={"path"})
+
+
 def captions_key(resize: StageResult, concepts: list[Concept], captioner: CaptionerSettings, seed: int, ws: Workspace) -> str:
-    index = HashIndex(ws.hash_index)
-    sources = [(c.name, c.caption.model_dump(mode="json"), c.text_variations,
+    index = ws.hashes()
+    sources = [(c.name, _keyed_caption(c), c.text_variations,
                 index.current(c.caption.path) if c.caption.source == "text_file" else None) for c in concepts]
     key = digest_parts("captions", CAPTIONS_VERSION, resize.table_digest, sources,
-                       _captioner_settings(captioner, concepts, index), seed, str(ws.root))
+                       _captioner_settings(captioner, concepts, index), seed)
     index.save()
     return key
 
 
 def captions_stage(resize: StageResult, concepts: list[Concept], captioner: CaptionerSettings, seed: int,
                    ws: Workspace, index: HashIndex, device: str = "auto", progress: Progress | None = None) -> StageResult:
-    rows = load_rows(resize)
+    rows = load_rows(resize, ws)
     by_name = {c.name: c for c in concepts}
     _raise_for_missing(rows, by_name)
     model_settings = _captioner_settings(captioner, concepts, index)
-    records = ItemRecords(ws.item_records("captions"), index)
+    records = ItemRecords(ws.item_records("captions"), index, ws)
 
     def key(row: Row) -> str:
         concept = by_name[row["concept"]]
         depends = {"per_image": row.get("caption_source_hash"), "captioner": (row["prepared_hash"], model_settings),
                    "text_file": index.current(concept.caption.path) if concept.caption.path else None}
-        return digest_parts(CAPTIONS_VERSION, row["id"], concept.caption.model_dump(mode="json"), concept.text_variations,
-                            seed, depends.get(concept.caption.source), str(ws.root))
+        return digest_parts(CAPTIONS_VERSION, row["id"], _keyed_caption(concept), concept.text_variations,
+                            seed, depends.get(concept.caption.source))
 
     model = cache(lambda: load_captioner(captioner.model, device, captioner.kind))
 
@@ -225,6 +230,6 @@ def _write(row: Row, concept: Concept, generated: str | None, seed: int, ws: Wor
 def write_captions(resize: StageResult, concepts: list[Concept], captioner: CaptionerSettings, seed: int,
                    ws: Workspace, device: str = "auto") -> StageResult:
     """`<stem>.txt` beside each prepared image, from the concept's caption source."""
-    result = captions_stage(resize, concepts, captioner, seed, ws, HashIndex(ws.hash_index), device, progress("captions"))
+    result = captions_stage(resize, concepts, captioner, seed, ws, ws.hashes(), device, progress("captions"))
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)

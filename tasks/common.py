@@ -3,8 +3,10 @@ call that runs a stage (re-running it when a cached result's files changed since
 
 A stage's cache key comes from the plain `<stage>_key` function beside its work in the same module: the
 hash of the upstream table (which lists content hashes), the stage's own settings, the models'
-content and a stage version; never mtimes or run ids. Results are persisted in
-`workspace/prefect/`, so a new process sees them and deleting the workspace clears them.
+content and a stage version; never mtimes, run ids or where the workspace lies. Results are persisted
+in `workspace/prefect/`, so a new process sees them and deleting the workspace clears them; a stage
+task returns `ws.portable(result)` (paths relative to the workspace), so a workspace moved or mounted
+elsewhere finds its results valid, and `run_stage` hands the caller `ws.local(result)`.
 
     resized = run_stage(resize_images, settings, ws, scan=scan, resize=settings.resize)
 """
@@ -25,7 +27,6 @@ from prefect.cache_policies import CachePolicy
 from prefect.exceptions import MissingContextError
 from prefect.states import Failed
 
-from likeness.content import HashIndex
 from likeness.errors import BadInputError, debug_enabled
 from likeness.settings import Settings
 from likeness.stages import PrepareError, Progress, StageResult, outputs_intact
@@ -123,10 +124,10 @@ def run_stage(stage_task: Task, settings: Settings, ws: Workspace, /, **inputs: 
         retries=settings.run.retries, retry_delay_seconds=backoff(settings.run.retries, settings.run.retry_delay_seconds),
         retry_condition_fn=transient, result_storage=ws.prefect_results)
     state = configured(ws=ws, **inputs, return_state=True)
-    result: StageResult = state.result()
+    result: StageResult = ws.local(state.result())  # stage tasks return `ws.portable(result)`: see Workspace
     if state.name != "Cached":
         return result
-    if outputs_intact(result, HashIndex(ws.hash_index)):
+    if outputs_intact(result, ws, ws.hashes()):
         return result.as_cached()
     get_run_logger().warning("%s: files written by the cached run changed or vanished; redoing them", result.stage)
-    return configured.with_options(refresh_cache=True)(ws=ws, **inputs)
+    return ws.local(configured.with_options(refresh_cache=True)(ws=ws, **inputs))

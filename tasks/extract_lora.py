@@ -8,7 +8,7 @@ and `evaluation/extract-lora.json` (relative error per part, file size). A run t
 Cached by the chosen checkpoint's content, the base model's and `settings.lora`.
 
     likeness extract-lora CHECKPOINT --base BASE -o person-lora.safetensors --rank 32   # alone, no Prefect
-    result = extract_lora_stage(selected, settings, ws, HashIndex(ws.hash_index))       # the stage, plain
+    result = extract_lora_stage(selected, settings, ws, ws.hashes())       # the stage, plain
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ def lora_path(source: Path, destination: Path) -> Path:
 
 
 def extract_lora_key(selected: StageResult, settings: Settings, ws: Workspace) -> str:
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     return digest_parts("extract-lora", EXTRACT_VERSION, selected.table_digest, settings.lora.model_dump(mode="json"),
-                        model_fingerprint(settings.model.base_model, index), str(settings.output_destination),
-                        str(ws.root))
+                        model_fingerprint(settings.model.base_model, index), ws.relative(settings.output_destination))
 
 
 def extract_lora_stage(selected: StageResult, settings: Settings, ws: Workspace, index: HashIndex,
@@ -60,7 +59,7 @@ def extract_lora_stage(selected: StageResult, settings: Settings, ws: Workspace,
     from likeness.models.lora import is_lora_file  # torch, safetensors: not on a cached run
     from likeness.models.lora_extract import extract_lora
 
-    chosen = read_eval_table(selected)["extra"]
+    chosen = read_eval_table(selected, ws)["extra"]
     source = Path(chosen["source"])
     if is_lora_file(source):
         log(f"extract-lora: {source.name} is a LoRA already (training.method = 'lora'): {chosen['copied']}")
@@ -92,8 +91,8 @@ def report_markdown(report: ExtractionReport) -> str:
 def extract_lora_task(selected: StageResult, settings: Settings, ws: Workspace) -> StageResult:
     """The chosen checkpoint as a LoRA file, with the reconstruction error per part as an artifact."""
     logger = get_run_logger()
-    result = extract_lora_stage(selected, settings, ws, HashIndex(ws.hash_index), log=logger.info)
-    extra = read_eval_table(result)["extra"]
+    result = extract_lora_stage(selected, settings, ws, ws.hashes(), log=logger.info)
+    extra = read_eval_table(result, ws)["extra"]
     if extra.get("markdown"):
         create_markdown_artifact(extra["markdown"], key="extract-lora", description=f"LoRA {extra['lora']}")
-    return result
+    return ws.portable(result)

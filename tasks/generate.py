@@ -11,7 +11,7 @@ resumes with the images it lacks, a larger N adds only the new ones. The images 
 photos beside the real ones of its folder (ids `<concept>/generated/...`), so balancing `auto` and
 every later stage see them like any photo. The base model loads only when some image is missing.
 
-    result = generate_stage(settings, ws, HashIndex(ws.hash_index))
+    result = generate_stage(settings, ws, ws.hashes())
     likeness stage generate --profile demo-cpu
 """
 
@@ -53,10 +53,10 @@ def image_settings(concept: Concept, settings: Settings) -> dict[str, Any]:
 def generate_key(settings: Settings, ws: Workspace) -> str:
     """Cache key of the stage: the base model's content and each generating concept's images."""
     concepts = generating(settings.concepts)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     base = model_fingerprint(settings.model.base_model, index) if concepts else None
     index.save()
-    return digest_parts("generate", GENERATE_VERSION, base, str(ws.root),
+    return digest_parts("generate", GENERATE_VERSION, base,
                         [(c.name, c.generate, c.generation.seed, image_settings(c, settings)) for c in concepts])
 
 
@@ -73,7 +73,7 @@ def generate_stage(settings: Settings, ws: Workspace, index: HashIndex, progress
     concepts = generating(settings.concepts)
     base = model_fingerprint(settings.model.base_model, index) if concepts else None
     pipe = cache(lambda: _load_base(settings))
-    records = ItemRecords(ws.item_records("generate"), index)
+    records = ItemRecords(ws.item_records("generate"), index, ws)
     rows, counts = [], Counts()
     total, done = sum(c.generate for c in concepts), [0]
     for concept in concepts:
@@ -101,7 +101,8 @@ def generate_stage(settings: Settings, ws: Workspace, index: HashIndex, progress
                 progress(before + finished, total)
 
         found, concept_counts = map_cached(items, lambda item, gen=gen: digest_parts(
-            "generated", GENERATE_VERSION, base, gen, item["seed"], item["path"]), compute, records, progress=report)
+            "generated", GENERATE_VERSION, base, gen, item["seed"], ws.relative(item["path"])), compute, records,
+            progress=report)
         done[0] += len(items)
         _remove_stale(folder, {Path(item["path"]).name for item in items})
         rows += found
@@ -126,6 +127,6 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
 @task(name="generate-regularization", tags=["gpu"], cache_policy=StagePolicy(key_fn=generate_key))
 def generate_regularization(settings: Settings, ws: Workspace) -> StageResult:
     """The base model's class images for regularization concepts with `generate = N` (cached per image)."""
-    result = generate_stage(settings, ws, HashIndex(ws.hash_index), progress("generate"))
+    result = generate_stage(settings, ws, ws.hashes(), progress("generate"))
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)

@@ -31,7 +31,7 @@ the padded square itself, (T, T, 0, 0, T, T), as OneTrainer conditions its pre-p
 as inference clients generate; with "original": the photo's size and the manifest's paste offset. Epoch e trains on image variation
 e % image_variations and text variation e % text_variations (`epoch_rows`).
 
-    result = latents_stage(manifest_result, settings, ws, HashIndex(ws.hash_index))
+    result = latents_stage(manifest_result, settings, ws, ws.hashes())
     latents, masks = load_latents(batch["latent_path"])      # for training: (B, 4, h, w), (B, 1, h, w)
     cached = load_text_outputs(batch["text_path"])           # {"text_encoder_2": EncoderOutput, ...}
     rows = epoch_rows(read_latents_index(ws.latents_index), epoch)  # one row per id for this epoch
@@ -162,9 +162,9 @@ def fingerprints(settings: Settings, index: HashIndex) -> dict:
 
 
 def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str:
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     key = digest_parts("latents", LATENTS_VERSION, manifest.table_digest, fingerprints(settings, index),
-                       variation_plan(settings), settings.resize.mode, INDEX_VERSION, _pad_time_ids(settings), str(ws.root))
+                       variation_plan(settings), settings.resize.mode, INDEX_VERSION, _pad_time_ids(settings))
     index.save()
     return key
 
@@ -172,7 +172,7 @@ def latents_key(manifest: StageResult, settings: Settings, ws: Workspace) -> str
 def latents_stage(manifest: StageResult, settings: Settings, ws: Workspace, index: HashIndex,
                   device: str = "auto", progress: Progress | None = None) -> StageResult:
     """Encode what the cache lacks (models load only then); write `latents.csv` and the stage table."""
-    df = read_manifest(ws.manifest)
+    df = read_manifest(ws.manifest, ws)
     prints, parts = fingerprints(settings, index), frozen_encoders(settings)
     rows = df.to_dict("records")
     items = image_variations(rows, settings)
@@ -228,7 +228,7 @@ def _cache_images(items: list[Row], settings: Settings, prints: dict, ws: Worksp
     todo = sorted(unique.values(), key=lambda item: item["target"])
     done, counts = map_cached(todo, lambda item: item["key"],
                               lambda batch: _encode_images(batch, vae(), settings, ws, index),
-                              ItemRecords(ws.item_records("latents"), index), settings.latents.batch_size, progress)
+                              ItemRecords(ws.item_records("latents"), index, ws), settings.latents.batch_size, progress)
     by_key = {item["key"]: row for item, row in zip(todo, done, strict=True)}
     return [by_key[item["key"]] for item in items], counts
 
@@ -243,7 +243,7 @@ def _cache_captions(captions: list[str], settings: Settings, parts: list[str], p
 
     return map_cached([{"caption": c} for c in captions], key,
                       lambda batch: _encode_captions(batch, encoders(), settings, ws, index, key),
-                      ItemRecords(ws.item_records("text"), index), settings.latents.batch_size)
+                      ItemRecords(ws.item_records("text"), index, ws), settings.latents.batch_size)
 
 
 def _pad_time_ids(settings: Settings) -> str | None:
@@ -270,8 +270,9 @@ def _write_index(ws: Workspace, index: HashIndex, rows: list[Row], items: list[R
         target = Bucket.parse(bucket_of(row))
         for image_variation, latent in sorted(latents_by_id[row["id"]], key=lambda pair: pair[0]):
             sizes = time_id_values(row, latent, target, pad)
-            table += [{"id": row["id"], "variation": v, "caption": caption, "latent_path": latent["latent_file"],
-                       "text_path": text_files.get(caption, ""), "image_variation": image_variation,
+            table += [{"id": row["id"], "variation": v, "caption": caption, "latent_path": ws.relative(latent["latent_file"]),
+                       "text_path": ws.relative(text_files[caption]) if caption in text_files else "",
+                       "image_variation": image_variation,
                        "bucket": target.key, **dict(zip(TIME_ID_COLUMNS, map(int, sizes), strict=True))}
                       for v, caption in enumerate(row["caption"].split("\n"))]
     data = pd.DataFrame(table, columns=INDEX_COLUMNS).to_csv(index=False, lineterminator="\n").encode("utf-8")
@@ -343,6 +344,6 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], index: HashIndex, name:
 @task(name="cache-latents", cache_policy=StagePolicy(key_fn=latents_key))
 def cache_latents(manifest: StageResult, settings: Settings, ws: Workspace, device: str = "auto") -> StageResult:
     """Latents + downscaled masks per image and text-encoder outputs per caption, keyed by content."""
-    result = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device, progress("latents"))
+    result = latents_stage(manifest, settings, ws, ws.hashes(), device, progress("latents"))
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from likeness.content import HashIndex
 from likeness.manifest import manifest_key, manifest_stage
 from likeness.settings import Concept
 from likeness.stages import StageResult
@@ -16,6 +15,6 @@ from likeness.workspace import Workspace
 def write_manifest(resize: StageResult, masks: StageResult, captions: StageResult, balance: StageResult,
                    concepts: list[Concept], ws: Workspace) -> StageResult:
     """`manifest.csv`, validated by its pandera schema; files of removed photos are deleted."""
-    result = manifest_stage(resize, masks, captions, balance, concepts, ws, HashIndex(ws.hash_index))
+    result = manifest_stage(resize, masks, captions, balance, concepts, ws, ws.hashes())
     get_run_logger().info("manifest: %d rows changed, %d unchanged (%s)", result.processed, result.reused, ws.manifest)
-    return result
+    return ws.portable(result)

@@ -105,17 +105,17 @@ def plan(row: Row, concept: Concept, settings: MaskSettings) -> str:
 
 
 def masks_key(resize: StageResult, masks: MaskSettings, concepts: list[Concept], ws: Workspace) -> str:
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     fingerprint = model_fingerprint(masks.model, index)
     index.save()
     plans = {c.name: (c.masks, masks.enabled, masks.mode) for c in concepts}
-    return digest_parts("masks", MASKS_VERSION, resize.table_digest, item_settings(masks, fingerprint), plans, str(ws.root))
+    return digest_parts("masks", MASKS_VERSION, resize.table_digest, item_settings(masks, fingerprint), plans)
 
 
 def masks_stage(resize: StageResult, settings: MaskSettings, concepts: list[Concept], ws: Workspace,
                 index: HashIndex, device: str = "auto", progress: Progress | None = None) -> StageResult:
     """A mask per image as its concept asks; CLIPSeg loads only if some image needs segmenting."""
-    rows = load_rows(resize)
+    rows = load_rows(resize, ws)
     by_name = {c.name: c for c in concepts}
     for row in rows:
         row["plan"] = plan(row, by_name[row["concept"]], settings)
@@ -125,15 +125,15 @@ def masks_stage(resize: StageResult, settings: MaskSettings, concepts: list[Conc
 
     def key(row: Row) -> str:
         depends = {"clipseg": (row["prepared_hash"], keyed), "user": row["user_mask_hash"], "none": None}
-        return digest_parts(MASKS_VERSION, row["id"], row["plan"], depends[row["plan"]], str(ws.root))
+        return digest_parts(MASKS_VERSION, row["id"], row["plan"], depends[row["plan"]])
 
     def compute(batch: list[Row]) -> list[Row]:
         return [_one(row, mask, ws, index) for row, mask in zip(batch, _segment(batch, model, settings), strict=True)]
 
-    done, counts = map_cached(rows, key, compute, ItemRecords(ws.item_records("masks"), index),
+    done, counts = map_cached(rows, key, compute, ItemRecords(ws.item_records("masks"), index, ws),
                               batch_size=settings.batch_size, progress=progress)
     table = [{"id": row["id"], **out} for row, out in zip(rows, done, strict=True)]
-    report, flagged = _report(table)
+    report, flagged = _report(table, ws)
     origins = mask_origins(rows)
     write_atomic(ws.report("masks-report.md"), report)
     result = write_table(ws, "masks", MASKS_VERSION, table, counts,
@@ -163,9 +163,9 @@ def origins_summary(origins: dict[str, int]) -> str:
     return text
 
 
-def _report(table: list[Row]) -> tuple[str, int]:
-    """Markdown listing generated masks that cover almost nothing or almost everything."""
-    flagged = [f"- `{r['mask']}`: covers {r['coverage']:.1%} of the image" for r in table if is_flagged(r)]
+def _report(table: list[Row], ws: Workspace) -> tuple[str, int]:
+    """Markdown listing generated masks that cover almost nothing or almost everything (paths as records write them)."""
+    flagged = [f"- `{ws.relative(r['mask'])}`: covers {r['coverage']:.1%} of the image" for r in table if is_flagged(r)]
     if not flagged:
         return "# Masks\n\nNo mask flagged.\n", 0
     lines = [f"{len(flagged)} mask(s) look wrong (empty or almost everything); check them:", "", *flagged]
@@ -237,10 +237,10 @@ def mask_sheet(items: list[tuple[str, Path, Path, bool]], thumb: int = 128, colu
     return buffer.getvalue()
 
 
-def overlays_markdown(resize: StageResult, result: StageResult, limit: int = 120) -> str | None:
+def overlays_markdown(resize: StageResult, result: StageResult, ws: Workspace, limit: int = 120) -> str | None:
     """The `mask-overlays` artifact: the contact sheet of every mask, inline (None: no masks)."""
-    prepared = {row["id"]: row["prepared"] for row in load_rows(resize)}
-    rows = [row for row in load_rows(result) if row["mask"]]
+    prepared = {row["id"]: row["prepared"] for row in load_rows(resize, ws)}
+    rows = [row for row in load_rows(result, ws) if row["mask"]]
     if not rows:
         return None
     shown = sorted(rows, key=lambda r: not is_flagged(r))[:limit]  # flagged first, so none is cut off
@@ -260,10 +260,10 @@ def overlays_markdown(resize: StageResult, result: StageResult, limit: int = 120
 def compute_masks(resize: StageResult, masks: MaskSettings, concepts: list[Concept], ws: Workspace,
                   device: str = "auto") -> StageResult:
     """`<stem>-masklabel.png` beside each prepared image of a concept with masks; flags odd masks."""
-    result = masks_stage(resize, masks, concepts, ws, HashIndex(ws.hash_index), device, progress("masks"))
+    result = masks_stage(resize, masks, concepts, ws, ws.hashes(), device, progress("masks"))
     extra = json.loads(result.table.read_text())["extra"]
     create_markdown_artifact(extra["report"], key="masks-report", description="Masks that look empty or full")
-    overlays = overlays_markdown(resize, result)
+    overlays = overlays_markdown(resize, result, ws)
     if overlays:
         create_markdown_artifact(overlays, key="mask-overlays", description="Each photo with its mask tinted; flagged ones framed red")
     logger = get_run_logger()
@@ -271,4 +271,4 @@ def compute_masks(resize: StageResult, masks: MaskSettings, concepts: list[Conce
         logger.warning("%d mask(s) look empty or cover almost everything: see %s", extra["flagged"], ws.report("masks-report.md"))
     logger.info(extra["summary"])
     logger.info(result.summary())
-    return result
+    return ws.portable(result)

@@ -23,7 +23,7 @@ size (T x T when padding; the prepared image itself is scaled_width x scaled_hei
 scaled_width/height, offset_left/top (pad: the paste offset; bucket: the centred crop's offset),
 user_mask(_hash).
 
-    result = resize_stage(scan_result, settings.resize, ws, HashIndex(ws.hash_index))
+    result = resize_stage(scan_result, settings.resize, ws, ws.hashes())
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def item_settings(settings: ResizeSettings) -> dict:
 
 
 def resize_key(scan: StageResult, resize: ResizeSettings, ws: Workspace) -> str:
-    return digest_parts("resize", RESIZE_VERSION, scan.table_digest, item_settings(resize), str(ws.root))
+    return digest_parts("resize", RESIZE_VERSION, scan.table_digest, item_settings(resize))
 
 
 def resize_one(row: Row, settings: ResizeSettings, ws: Workspace, index: HashIndex) -> Row:
@@ -241,12 +241,12 @@ def resize_stage(scan: StageResult, settings: ResizeSettings, ws: Workspace, ind
                  progress: Progress | None = None, workers: int = 2) -> StageResult:
     """Prepare every scanned image; images whose content and settings are unchanged are reused."""
     register_readers()  # HEIC; the scan already reported very large photos
-    rows = load_rows(scan)
-    records = ItemRecords(ws.item_records("resize"), index)
+    rows = load_rows(scan, ws)
+    records = ItemRecords(ws.item_records("resize"), index, ws)
     keyed = item_settings(settings)
 
     def key(row: Row) -> str:
-        return digest_parts(RESIZE_VERSION, row["id"], row["source_hash"], row.get("mask_source_hash"), keyed, str(ws.root))
+        return digest_parts(RESIZE_VERSION, row["id"], row["source_hash"], row.get("mask_source_hash"), keyed)
 
     with ThreadPoolExecutor(workers) as pool:
         done, counts = map_cached(
@@ -264,6 +264,6 @@ def resize_stage(scan: StageResult, settings: ResizeSettings, ws: Workspace, ind
 @task(name="resize-images", cache_policy=StagePolicy(key_fn=resize_key))
 def resize_images(scan: StageResult, resize: ResizeSettings, ws: Workspace, workers: int = 2) -> StageResult:
     """Prepared RGB images in the workspace; only photos whose content changed are redone."""
-    result = resize_stage(scan, resize, ws, HashIndex(ws.hash_index), progress("resize"), workers)
+    result = resize_stage(scan, resize, ws, ws.hashes(), progress("resize"), workers)
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)

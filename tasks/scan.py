@@ -21,7 +21,7 @@ image: id, concept, stem, source, source_hash, width and height (after EXIF orie
 mode, caption_source(_hash), mask_source(_hash). Every file is hashed, so the table is the content
 fingerprint of the dataset.
 
-    result, report = scan_stage(settings.concepts, settings.resize.min_side, ws, HashIndex(ws.hash_index))
+    result, report = scan_stage(settings.concepts, settings.resize.min_side, ws, ws.hashes())
     report.raise_for_errors()
 """
 
@@ -159,17 +159,17 @@ def oriented_size(path: Path) -> tuple[int, int]:
 
 def scan_key(concepts: list[Concept], min_side: int, ws: Workspace) -> str:
     """Cache key of the scan: every file's content hash plus the settings the scan reads."""
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     parts = []
     for c in concepts:
         if c.enabled:
-            files = [(str(p), _digest_or_none(index, p)) for p in concept_files(c, ws)]
-            files.append(sorted(str(p) for p in _entries(c)))  # skipped files change the report
-            parts.append((c.name, str(Path(c.path).resolve()), c.include_subdirectories,
-                          c.caption.model_dump(mode="json"), files))
+            files = [(ws.relative(p), _digest_or_none(index, p)) for p in concept_files(c, ws)]
+            files.append(sorted(ws.relative(p) for p in _entries(c)))  # skipped files change the report
+            caption = c.caption.model_dump(mode="json", exclude={"path"})  # the file's content is keyed below
+            parts.append((c.name, c.include_subdirectories, caption, files))
     caption_files = [index.current(c.caption.path) for c in concepts if c.caption.path]
     index.save()
-    return digest_parts("scan", SCAN_VERSION, str(ws.root), min_side, parts, caption_files)
+    return digest_parts("scan", SCAN_VERSION, min_side, parts, caption_files)
 
 
 def _entries(concept: Concept) -> list[Path]:
@@ -193,7 +193,7 @@ def scan_stage(concepts: list[Concept], min_side: int, ws: Workspace, index: Has
     report = ScanReport()
     candidates = [row for c in concepts if c.enabled for row in _list_concept(c, report, ws)]
     _check_files(candidates, index, report, workers)
-    records = ItemRecords(ws.item_records("scan"), index)
+    records = ItemRecords(ws.item_records("scan"), index, ws)
     readable = [row for row in candidates if "source_hash" in row]
     with ThreadPoolExecutor(workers) as pool:
         inspected, counts = map_cached(
@@ -365,13 +365,13 @@ def _check_caption(row: Row, concept: Concept, report: ScanReport) -> None:
                    f"no {Path(row['source']).stem}.txt beside it: write one, or set concepts caption.on_missing to prefix_only or filename")
 
 
-def verdict_rows(result: StageResult | None, report: ScanReport) -> list[dict[str, str]]:
+def verdict_rows(result: StageResult | None, report: ScanReport, ws: Workspace) -> list[dict[str, str]]:
     """One row per file: concept, file, size and its verdict (ok, or each warning and error on it)."""
     by_path: dict[str, list[Issue]] = defaultdict(list)
     for issue in report.issues:
         by_path[issue.path].append(issue)
     table = []
-    for row in (load_rows(result) if result is not None else []):
+    for row in (load_rows(result, ws) if result is not None else []):
         found = by_path.pop(row["source"], [])
         table.append({"concept": row["concept"], "file": Path(row["source"]).name,
                       "size": f"{row['width']}x{row['height']}", "verdict": _verdict(found)})
@@ -390,10 +390,10 @@ def _verdict(issues: list[Issue]) -> str:
 @task(name="scan-images", cache_policy=StagePolicy(key_fn=scan_key))
 def scan_images(concepts: list[Concept], min_side: int, ws: Workspace, workers: int = 2) -> StageResult:
     """List, hash and decode every photo; errors stop the flow, warnings go to the report."""
-    result, report = scan_stage(concepts, min_side, ws, HashIndex(ws.hash_index), progress("scan"), workers)
+    result, report = scan_stage(concepts, min_side, ws, ws.hashes(), progress("scan"), workers)
     create_markdown_artifact(report.markdown(FILES_LIMIT), key="scan-report",
                              description="Dataset problems, found before any heavy work; a verdict for every file")
-    create_table_artifact(verdict_rows(result, report), key="scan-files", description="Each photo and its verdict")
+    create_table_artifact(verdict_rows(result, report, ws), key="scan-files", description="Each photo and its verdict")
     logger = get_run_logger()
     logger.info("scan:\n%s", report.summary())
     for issue in report.warnings[:20]:
@@ -402,4 +402,4 @@ def scan_images(concepts: list[Concept], min_side: int, ws: Workspace, workers: 
         logger.warning("... %d more warnings in %s", len(report.warnings) - 20, ws.report("scan-report.md"))
     report.raise_for_errors()
     logger.info(result.summary())
-    return result
+    return ws.portable(result)

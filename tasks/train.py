@@ -74,7 +74,7 @@ def train_model(settings: Settings, ws: Workspace) -> TrainResult:
         sinks = [*sinks, EvaluationArtifactSink()]
     result = train(settings, log=get_run_logger().info, sinks=sinks)
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)  # paths relative: a moved workspace finds this result valid
 
 
 @task(name="publish-training-report")

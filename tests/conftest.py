@@ -106,7 +106,6 @@ def prepare_workspace(settings):
     """Run the prepare stages as plain functions (no Prefect): manifest + latent cache for training."""
     from likeness.tasks.balance import balance_stage
     from likeness.tasks.captions import captions_stage
-    from likeness.content import HashIndex
     from likeness.tasks.scan import scan_stage
     from likeness.tasks.latents import latents_stage
     from likeness.manifest import manifest_stage
@@ -115,7 +114,7 @@ def prepare_workspace(settings):
     from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     report.raise_for_errors()
     resize = resize_stage(scan, settings.resize, ws, index)

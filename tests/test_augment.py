@@ -5,7 +5,6 @@ import json
 import random
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -150,7 +149,7 @@ def test_captions_stage_shuffles_each_text_variation(prepare_settings):
     ws, index = Workspace.from_settings(settings), HashIndex()
     scan, _ = scan_stage(concepts, 32, ws, index)
     captions = load_rows(captions_stage(resize_stage(scan, settings.resize, ws, index), concepts, settings.captioner,
-                                        42, ws, index))
+                                        42, ws, index), ws)
     p0 = next(r for r in captions if r["id"] == "person/p0")["captions"]
     assert len(p0) == 4 and len(set(p0)) > 1 and all(c.startswith("ohwx man, ") for c in p0)
     assert next(r for r in captions if r["id"] == "reg/r0")["captions"] == ["man"]
@@ -170,7 +169,7 @@ def _manifest(settings):
     from likeness.workspace import Workspace
 
     ws = Workspace.from_settings(settings)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     report.raise_for_errors()
     resize = resize_stage(scan, settings.resize, ws, index)
@@ -191,9 +190,9 @@ def _bucketed_settings(prepare_settings, variations: int):
 def test_latents_are_cached_per_variation_and_per_bucket(prepare_settings, monkeypatch):
     settings = _bucketed_settings(prepare_settings, 1)
     ws, manifest = _manifest(settings)
-    rows = read_manifest(ws.manifest).set_index("id")
+    rows = read_manifest(ws.manifest, ws).set_index("id")
     assert set(rows["bucket"]) == {"64x64", "80x48"}  # astronaut is square; chelsea, coffee and the 4:3 reg photos wide
-    first = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    first = latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     assert (first.processed, first.reused) == (7, 0)
     index = read_latents_index(ws.latents_index)
     for row in index.itertuples():
@@ -204,12 +203,12 @@ def test_latents_are_cached_per_variation_and_per_bucket(prepare_settings, monke
     assert index_time_ids(index.set_index("id").loc[["person/p1"]]).tolist() == [[300, 451, 2, 0, 48, 80]]
 
     monkeypatch.setattr(latents_module, "load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
-    again = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    again = latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     assert (again.processed, again.reused) == (0, 7)  # a second run caches nothing new
 
     two = _bucketed_settings(prepare_settings, 2)
     monkeypatch.undo()
-    more = latents_stage(manifest, two, ws, HashIndex(ws.hash_index), device="cpu")
+    more = latents_stage(manifest, two, ws, ws.hashes(), device="cpu")
     assert (more.processed, more.reused) == (3, 7)  # only the new variation of the 3 person photos
     index = read_latents_index(ws.latents_index)
     assert len(index) == 3 * 2 + 4 and set(index["image_variation"]) == {0, 1}
@@ -226,16 +225,16 @@ def test_latents_are_cached_per_variation_and_per_bucket(prepare_settings, monke
 def test_pad_mode_time_ids_are_the_padded_square_unless_original_is_asked(prepare_settings):
     settings = prepare_settings()
     ws, manifest = _manifest(settings)
-    latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
-    index = pd.read_csv(ws.latents_index, keep_default_na=False)
+    latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
+    index = read_latents_index(ws.latents_index)
     assert len(index) == 7 and set(index["bucket"]) == {"64x64"} and set(index["image_variation"]) == {0}
     # OneTrainer's pre-padded files and every inference client: (T, T, 0, 0, T, T) for every image.
     assert index_time_ids(index).tolist() == [[64, 64, 0, 0, 64, 64]] * 7
     original = settings.model_copy(update={"resize": settings.resize.model_copy(update={"pad_time_ids": "original"})})
-    again = latents_stage(manifest, original, ws, HashIndex(ws.hash_index), device="cpu")
+    again = latents_stage(manifest, original, ws, ws.hashes(), device="cpu")
     assert again.processed == 0  # the cached latents stay; only latents.csv changes
-    index = pd.read_csv(ws.latents_index, keep_default_na=False).set_index("id")
-    rows = read_manifest(ws.manifest).set_index("id")
+    index = read_latents_index(ws.latents_index).set_index("id")
+    rows = read_manifest(ws.manifest, ws).set_index("id")
     p1 = index.loc["person/p1"]  # the photo's size and the manifest's paste offset, as train_data reads them
     assert (p1.crop_top, p1.crop_left) == (rows.at["person/p1", "offset_top"], rows.at["person/p1", "offset_left"])
     assert (p1.original_height, p1.original_width) == (rows.at["person/p1", "original_height"],

@@ -160,7 +160,7 @@ def test_resize_stage_scales_to_cover_the_bucket_and_keeps_the_mask_aligned(tmp_
     scan, report = scan_stage(concepts, 16, ws, index)
     report.raise_for_errors()
     settings = ResizeSettings(resolution=64, min_side=16, mode="bucket", bucket_quantization=16)
-    rows = {r["stem"]: r for r in load_rows(resize_stage(scan, settings, ws, index))}
+    rows = {r["stem"]: r for r in load_rows(resize_stage(scan, settings, ws, index), ws)}
     wide, tall = rows["wide"], rows["tall"]
     assert (wide["bucket"], wide["width"], wide["height"]) == ("80x48", 80, 48)  # 0.667 -> 0.6
     assert (wide["scaled_width"], wide["scaled_height"], wide["offset_left"], wide["offset_top"]) == (80, 53, 0, 2)

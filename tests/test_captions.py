@@ -40,7 +40,7 @@ def test_variations_pick_lines_reproducibly():
 
 def _prepare(tmp_path, photo, concepts):
     ws = Workspace(tmp_path / "ws")
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage(concepts, 1, ws, index)
     report.raise_for_errors()
     return ws, resize_stage(scan, ResizeSettings(resolution=64), ws, index)
@@ -58,15 +58,15 @@ def test_each_text_source_writes_stem_txt_beside_the_prepared_image(tmp_path, ph
         Concept(name="named", path=tmp_path / "named", caption=CaptionSource(source="filename")),
     ]
     ws, resize = _prepare(tmp_path, photo, concepts)
-    result = captions_stage(resize, concepts, CaptionerSettings(), 42, ws, HashIndex(ws.hash_index))
-    rows = {row["id"]: row for row in load_rows(result)}
+    result = captions_stage(resize, concepts, CaptionerSettings(), 42, ws, ws.hashes())
+    rows = {row["id"]: row for row in load_rows(result, ws)}
     assert rows["fixed/img_01"]["captions"] == ["ohwx man"]
     assert set(rows["lines/img_01"]["captions"]) == {"first caption", "second caption"}
     assert set(rows["own/img_01"]["captions"]) == {"ohwx man, a man in a red shirt", "ohwx man, a man smiling"}
     assert rows["named/img_01"]["captions"] == ["img_01"]
     own_file = ws.prepared / "own" / "img_01.txt"
     assert own_file.read_text().splitlines() == rows["own/img_01"]["captions"]  # one line per variation
-    again = captions_stage(resize, concepts, CaptionerSettings(), 42, ws, HashIndex(ws.hash_index))
+    again = captions_stage(resize, concepts, CaptionerSettings(), 42, ws, ws.hashes())
     assert (again.processed, again.reused) == (0, 4)
     (tmp_path / "own" / "img_01.txt").write_text("a new caption\n")
     ws2, resize2 = _prepare(tmp_path, photo, concepts)  # the scan sees the new caption file
@@ -84,13 +84,13 @@ def test_missing_per_image_captions_list_the_files_or_fall_back(tmp_path, photo)
     ws, resize = _prepare(tmp_path, photo, [lenient])
     strict = lenient.model_copy(update={"caption": CaptionSource(source="per_image")})
     with pytest.raises(CaptionError) as raised:
-        captions_stage(resize, [strict], CaptionerSettings(), 0, ws, HashIndex(ws.hash_index))
+        captions_stage(resize, [strict], CaptionerSettings(), 0, ws, ws.hashes())
     assert "b.txt" in str(raised.value) and "c.txt" in str(raised.value) and "a.txt" not in str(raised.value)
     assert "on_missing" in str(raised.value)
-    rows = load_rows(captions_stage(resize, [lenient], CaptionerSettings(), 0, ws, HashIndex(ws.hash_index)))
+    rows = load_rows(captions_stage(resize, [lenient], CaptionerSettings(), 0, ws, ws.hashes()), ws)
     assert [r["captions"] for r in rows] == [["ohwx man, a caption"], ["ohwx man"], ["ohwx man"]]
     by_name = lenient.model_copy(update={"caption": CaptionSource(source="per_image", on_missing="filename")})
-    rows = load_rows(captions_stage(resize, [by_name], CaptionerSettings(), 0, ws, HashIndex(ws.hash_index)))
+    rows = load_rows(captions_stage(resize, [by_name], CaptionerSettings(), 0, ws, ws.hashes()), ws)
     assert [r["captions"] for r in rows] == [["ohwx man, a caption"], ["b"], ["c"]]
 
 
@@ -121,15 +121,15 @@ def test_captioner_source_runs_blip_through_transformers(tmp_path, photo, tiny_b
     concept = Concept(name="p", path=tmp_path / "p", caption=CaptionSource(source="captioner", prefix="ohwx man"))
     ws, resize = _prepare(tmp_path, photo, [concept])
     settings = CaptionerSettings(model=str(tiny_blip), max_new_tokens=8, batch_size=2)
-    rows = load_rows(captions_stage(resize, [concept], settings, 0, ws, HashIndex(ws.hash_index), device="cpu"))
+    rows = load_rows(captions_stage(resize, [concept], settings, 0, ws, ws.hashes(), device="cpu"), ws)
     model, processor, device = load_captioner(str(tiny_blip), "cpu")
-    images = [Image.open(r["prepared"]) for r in load_rows(resize)]
+    images = [Image.open(r["prepared"]) for r in load_rows(resize, ws)]
     expected = [with_prefix("ohwx man", c) for c in generate_captions(images, model, processor, 8, device)]
     assert [r["captions"][0] for r in rows] == expected
     assert any(len(c.split()) > 2 for c in expected) and all(c.startswith("ohwx man") for c in expected)
     assert all(w in WORDS + ["ohwx", "man,"] for c in expected for w in c.split())
     monkeypatch.setattr(captions_module, "load_captioner", lambda *a: pytest.fail("the captioner was loaded"))
-    again = captions_stage(resize, [concept], settings, 0, ws, HashIndex(ws.hash_index), device="cpu")
+    again = captions_stage(resize, [concept], settings, 0, ws, ws.hashes(), device="cpu")
     assert (again.processed, again.reused) == (0, 2)
 
 

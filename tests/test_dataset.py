@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.settings import CaptionSource, Concept
 from likeness.stages import load_rows
 from likeness.tasks.scan import DatasetError, list_images, scan_stage
@@ -72,7 +71,7 @@ def test_every_bad_input_is_named_and_nothing_is_written_to_the_photos(bad_datas
     before = {c.name: _tree(c.path) for c in concepts if c.path.is_dir()}
     links_before = sorted(p.name for p in concepts[0].path.iterdir())
     ws = Workspace(root / "ws")
-    result, report = scan_stage(concepts, 32, ws, HashIndex(ws.hash_index))
+    result, report = scan_stage(concepts, 32, ws, ws.hashes())
     found = {(i.level, i.kind, Path(i.path).name) for i in report.issues}
     assert found == {
         ("error", "zero-byte", "zero.jpg"),
@@ -112,8 +111,8 @@ def test_scan_rows_record_content_and_displayed_size(tmp_path, photo):
     Image.open(stored).save(stored, exif=exif.tobytes())
     (folder / "rotated.txt").write_text("a caption\n")
     ws = Workspace(tmp_path / "ws")
-    result, report = scan_stage([Concept(name="p", path=folder)], 8, ws, HashIndex(ws.hash_index))
-    (row,) = load_rows(result)
+    result, report = scan_stage([Concept(name="p", path=folder)], 8, ws, ws.hashes())
+    (row,) = load_rows(result, ws)
     assert [i.kind for i in report.issues] == ["few-photos"]  # one photo of the subject
     assert (row["width"], row["height"]) == (40, 60)  # as displayed
     assert row["source_hash"] == hashlib.sha256(stored.read_bytes()).hexdigest()

@@ -1,7 +1,6 @@
 """The grid stage without Prefect: same seeds for every checkpoint, per-image records so a new
 checkpoint generates only its column and a new prompt only its images, grids of the right size."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.models.checkpoint import CheckpointInfo, save_checkpoint
 from likeness.models import sampling
 from likeness.models.loading import load_sdxl_pipeline
 from likeness.settings import Settings
 from likeness.tasks.evaluate import grid as evaluate_module
-from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, grid_stage
+from likeness.tasks.evaluate.grid import EvaluationError, find_checkpoints, grid_stage, read_eval_table
 from likeness.tasks.evaluate.image_grid import grid_layout
 from likeness.workspace import Workspace
 
@@ -69,8 +67,8 @@ def counted(monkeypatch):
 
 def run(checkpoints, settings):
     ws = Workspace.from_settings(settings)
-    result = grid_stage([str(p) for p in checkpoints], settings, ws, HashIndex(ws.hash_index))
-    return result, json.loads(result.table.read_text())
+    result = grid_stage([str(p) for p in checkpoints], settings, ws, ws.hashes())
+    return result, read_eval_table(result, ws)
 
 
 def test_a_new_checkpoint_generates_its_column_alone_and_a_new_prompt_its_images(tmp_path, tiny_model_dirs,

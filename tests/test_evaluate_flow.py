@@ -1,7 +1,6 @@
 """The evaluate and select flows on Prefect: a new checkpoint generates and scores only its column, a
 re-run is all Cached, and the chosen checkpoint is copied out, reported, and loads in diffusers."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from likeness.flows.prepare import prepare
 from likeness.models import sampling
 from likeness.profiles import write_profile
 from likeness.settings import EvaluationSettings
+from likeness.tasks.evaluate.grid import read_eval_table
 from likeness.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_flows", "one_torch_thread")
@@ -58,7 +58,7 @@ def test_evaluate_then_select_end_to_end(prepare_settings, tiny_model_dirs, monk
     assert "grid: cached" in third.output and "scores: cached" in third.output and len(generated) == 4
     assert "overview.jpg" in third.output and "scores.csv" in third.output
 
-    rows = json.loads(second["scores"].table.read_text())["rows"]
+    rows = read_eval_table(second["scores"], ws)["rows"]
     assert [r["label"] for r in rows] == ["base", "epoch 2", "epoch 4"]
     for row in rows:
         assert -1 <= row["dino"] <= 1 and -1 <= row["clip_i"] <= 1 and -1 <= row["clip_t"] <= 1
@@ -66,7 +66,7 @@ def test_evaluate_then_select_end_to_end(prepare_settings, tiny_model_dirs, monk
         assert row["likeness"] == pytest.approx((row["dino"] + row["clip_i"]) / 2)
 
     chosen = select(settings)
-    extra = json.loads(chosen.table.read_text())["extra"]
+    extra = read_eval_table(chosen, ws)["extra"]
     copied = Path(extra["copied"])
     assert copied.parent == settings.output_destination and copied.name in ("demo-2.safetensors", "demo-4.safetensors")
     assert copied.read_bytes() == (ws.checkpoints / copied.name).read_bytes()

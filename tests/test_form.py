@@ -200,7 +200,6 @@ def test_mask_sheet_tints_masks_and_frames_flagged_ones(tmp_path):
 
 
 def test_scan_verdicts_one_row_per_file(tmp_path, photo):
-    from likeness.content import HashIndex
     from likeness.settings import Concept
     from likeness.tasks.scan import scan_stage, verdict_rows
     from likeness.workspace import Workspace
@@ -209,8 +208,8 @@ def test_scan_verdicts_one_row_per_file(tmp_path, photo):
     photo(tmp_path / "person" / "small.jpg", 1, size=(40, 30))
     concepts = [Concept(name="person", path=tmp_path / "person", caption={"source": "text", "text": "ohwx man"})]
     ws = Workspace(tmp_path / "ws")
-    result, report = scan_stage(concepts, 64, ws, HashIndex(ws.hash_index), workers=1)
-    rows = {row["file"]: row for row in verdict_rows(result, report)}
+    result, report = scan_stage(concepts, 64, ws, ws.hashes(), workers=1)
+    rows = {row["file"]: row for row in verdict_rows(result, report, ws)}
     assert set(rows) == {"big.jpg", "small.jpg", "person"}  # "person": the concept folder's own hint
     assert "fewer than 5" in rows["person"]["verdict"] or "photos" in rows["person"]["verdict"], rows["person"]
     assert rows["big.jpg"]["verdict"] == "ok" and rows["big.jpg"]["concept"] == "person"

@@ -7,7 +7,6 @@ import json
 import pytest
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.settings import Settings
 from likeness.stages import load_rows
 from likeness.tasks import generate as generate_module
@@ -42,7 +41,7 @@ def with_generate(prepare_settings, count: int, **generation) -> Settings:
 
 def run(settings: Settings):
     ws = Workspace.from_settings(settings)
-    return generate_stage(settings, ws, HashIndex(ws.hash_index)), ws
+    return generate_stage(settings, ws, ws.hashes()), ws
 
 
 def test_generated_images_are_cached_per_image_and_scanned_as_the_concepts_photos(prepare_settings, loads):
@@ -70,10 +69,10 @@ def test_generated_images_are_cached_per_image_and_scanned_as_the_concepts_photo
     assert changed.processed == 2  # another prompt: other images
 
     settings = with_generate(prepare_settings, 2, prompt="photo of a man")
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     report.raise_for_errors()
-    ids = [row["id"] for row in load_rows(scan)]
+    ids = [row["id"] for row in load_rows(scan, ws)]
     assert {"reg/generated/reg-00000", "reg/generated/reg-00001", "reg/r0"} <= set(ids)
     assert sum(i.startswith("reg/") for i in ids) == 6  # 4 real + 2 generated
     resize = resize_stage(scan, settings.resize, ws, index)
@@ -91,13 +90,13 @@ def test_a_concept_of_generated_images_alone_needs_no_folder(prepare_settings, t
     data["concepts"][1]["path"] = str(tmp_path / "no-such-folder")
     settings = Settings.model_validate(data)
     ws = Workspace.from_settings(settings)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     _, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     assert [i.kind for i in report.errors] == ["empty-concept"] and "generate stage" in report.errors[0].message
     run(settings)
     scan, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     report.raise_for_errors()
-    assert sum(row["concept"] == "reg" for row in load_rows(scan)) == 2
+    assert sum(row["concept"] == "reg" for row in load_rows(scan, ws)) == 2
 
 
 def test_generate_is_only_for_regularization_concepts_with_a_prompt():

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.settings import CaptionerSettings, CaptionSource, Concept, ResizeSettings
 from likeness.stages import load_rows
 from likeness.tasks.captions import captions_stage, generate_captions, load_captioner, with_prefix
@@ -128,14 +127,14 @@ def test_captions_stage_puts_the_token_first(tmp_path, photo, tiny_kosmos2, load
     photo(tmp_path / "p" / "b.png", 1, size=(64, 64))
     concept = Concept(name="p", path=tmp_path / "p", caption=CaptionSource(source="captioner", prefix="ohwx man"))
     ws = Workspace(tmp_path / "ws")
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage([concept], 1, ws, index)
     report.raise_for_errors()
     resize = resize_stage(scan, ResizeSettings(resolution=64), ws, index)
     settings = CaptionerSettings(model=str(tiny_kosmos2), kind="kosmos2", max_new_tokens=12, batch_size=2)
-    rows = load_rows(captions_stage(resize, [concept], settings, 0, ws, HashIndex(ws.hash_index), device="cpu"))
+    rows = load_rows(captions_stage(resize, [concept], settings, 0, ws, ws.hashes(), device="cpu"), ws)
     model, processor, device = loaded
-    images = [Image.open(r["prepared"]) for r in load_rows(resize)]
+    images = [Image.open(r["prepared"]) for r in load_rows(resize, ws)]
     expected = [with_prefix("ohwx man", c) for c in generate_captions(images, model, processor, 12, device)]
     assert [r["captions"][0] for r in rows] == expected
     assert all(c.startswith("ohwx man") and "<" not in c for c in expected)
@@ -152,7 +151,7 @@ def test_the_default_token_budget_is_per_captioner_kind(tmp_path, photo, tiny_ko
     photo(tmp_path / "p" / "a.png", 0, size=(64, 64))
     concept = Concept(name="p", path=tmp_path / "p", caption=CaptionSource(source="captioner", prefix="ohwx man"))
     ws = Workspace(tmp_path / "ws")
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, _ = scan_stage([concept], 1, ws, index)
     resize = resize_stage(scan, ResizeSettings(resolution=64), ws, index)
     budgets = []

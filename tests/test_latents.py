@@ -3,13 +3,11 @@
 import json
 import shutil
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from likeness.content import HashIndex
-from likeness.latent_index import load_latents, load_text_outputs
+from likeness.latent_index import load_latents, load_text_outputs, read_latents_index
 from likeness.manifest import manifest_stage
 from likeness.models.conditioning import encode_text
 from likeness.models.tiny import build_tiny_sdxl
@@ -50,7 +48,7 @@ def test_masks_are_downscaled_by_8_with_antialiasing():
 
 def _manifest(settings):
     ws = Workspace.from_settings(settings)
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage(settings.concepts, settings.resize.min_side, ws, index)
     report.raise_for_errors()
     resize = resize_stage(scan, settings.resize, ws, index)
@@ -64,9 +62,9 @@ def _manifest(settings):
 def test_stage_caches_by_content(prepare_settings, pipe, monkeypatch):
     settings = prepare_settings()
     ws, manifest = _manifest(settings)
-    result = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    result = latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     assert (result.processed, result.reused) == (7, 0)
-    index = pd.read_csv(ws.latents_index, keep_default_na=False)
+    index = read_latents_index(ws.latents_index)
     assert len(index) == 7 and set(index["caption"]) == {"ohwx man", "man"}
     assert index.groupby("caption")["text_path"].nunique().tolist() == [1, 1]  # one file per distinct caption
     person = load_file(index[index["id"] == "person/p0"]["latent_path"].item())
@@ -83,14 +81,14 @@ def test_stage_caches_by_content(prepare_settings, pipe, monkeypatch):
     assert list(cached) == ["text_encoder_2"] and cached["text_encoder_2"].hidden.shape == (2, 77, 48)
 
     monkeypatch.setattr(latents_module, "load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
-    again = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    again = latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     assert (again.processed, again.reused) == (0, 7)
     monkeypatch.undo()
 
     both_frozen = settings.model_copy(update={"training": settings.training.model_copy(
         update={"text_encoder": settings.training.text_encoder.model_copy(update={"train": False, "weight_dtype": "float32"})})})
-    latents_stage(manifest, both_frozen, ws, HashIndex(ws.hash_index), device="cpu")
-    text = load_file(pd.read_csv(ws.latents_index)["text_path"][0])
+    latents_stage(manifest, both_frozen, ws, ws.hashes(), device="cpu")
+    text = load_file(read_latents_index(ws.latents_index)["text_path"][0])
     assert set(text) == {"text_encoder_hidden", "text_encoder_2_hidden", "text_encoder_2_pooled"}
 
 
@@ -98,9 +96,9 @@ def test_new_vae_weights_redo_the_latents_but_not_the_text(prepare_settings, tin
     model = shutil.copytree(tiny_model_dirs.sdxl, tmp_path / "sdxl")
     settings = prepare_settings(model={"base_model": str(model)})
     ws, manifest = _manifest(settings)
-    latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
-    redone = latents_stage(manifest, settings, ws, HashIndex(ws.hash_index), device="cpu")
+    redone = latents_stage(manifest, settings, ws, ws.hashes(), device="cpu")
     extra = json.loads(redone.table.read_text())["extra"]
     assert (redone.processed, redone.reused) == (7, 0) and (extra["text_processed"], extra["text_reused"]) == (0, 2)

@@ -1,6 +1,5 @@
 """Optimizers: parity with transformers/torch, fused back pass, stochastic rounding, schedules, freezing parts."""
 
-import copy
 import io
 
 import pytest

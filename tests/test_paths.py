@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 from likeness.cli import app
-from likeness.content import HashIndex
 from likeness.profiles import SettingsError, load_profile, validate_settings
 from likeness.settings import RunSettings, Settings
 from likeness.tasks.scan import scan_stage
@@ -34,7 +33,7 @@ def test_the_readme_example_finds_the_photos(home, photo):
     settings = load_profile("sdxl-person", ["concepts[0].path=~/photos/me", "run.workspace=~/ws"])
     assert settings.concepts[0].path == home / "photos" / "me" and settings.run.workspace == home / "ws"
     ws = Workspace.from_settings(settings)
-    _, report = scan_stage(settings.concepts[:1], 32, ws, HashIndex(ws.hash_index))
+    _, report = scan_stage(settings.concepts[:1], 32, ws, ws.hashes())
     assert report.images == {"person": 2} and not report.errors
 
 

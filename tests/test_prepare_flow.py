@@ -84,7 +84,7 @@ def test_rerun_is_all_cached_and_one_changed_photo_is_redone_alone(prepare_setti
 
     Path(prepare_settings.reg / "r2.png").unlink()  # one photo removed
     removed, _ = run_prepare(settings)
-    manifest = read_manifest(Workspace.from_settings(settings).manifest)
+    manifest = read_manifest(Workspace.from_settings(settings).manifest, Workspace.from_settings(settings))
     assert "reg/r2" not in set(manifest["id"]) and len(manifest) == 7
     assert not (Workspace.from_settings(settings).prepared / "reg" / "r2.png").exists()
     assert removed["latents"].processed == 0
@@ -149,7 +149,7 @@ def test_each_stage_runs_alone_after_the_ones_it_reads(prepare_settings, tmp_pat
     assert f"likeness stage resize --profile {profile}" in result.output
     for stage in PREPARE_STAGES:
         assert prepare_stage(settings, stage).total > 0
-    assert len(read_manifest(Workspace.from_settings(settings).manifest)) == 7
+    assert len(read_manifest(Workspace.from_settings(settings).manifest, Workspace.from_settings(settings))) == 7
     result = CliRunner().invoke(app, ["stage", "latents", "--profile", str(profile)])
     assert result.exit_code == 0 and "latents: cached" in result.output
     assert "unknown stage" in CliRunner().invoke(app, ["stage", "train", "--profile", str(profile)]).output

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.settings import CaptionSource, Concept, ResizeSettings
 from likeness.stages import load_rows
 from likeness.tasks.resize import encode, fit_inside, prepare_image, resize_stage, to_rgb
@@ -163,7 +162,7 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _resize(folder: Path, ws: Workspace, settings: ResizeSettings | None = None):
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     scan, report = scan_stage([Concept(name="c", path=folder, caption=CaptionSource(source="filename"))], 1, ws, index)
     assert not report.errors, report.markdown()
     return resize_stage(scan, settings or ResizeSettings(resolution=64), ws, index)
@@ -179,7 +178,7 @@ def test_stage_leaves_originals_untouched_and_copies_ready_images(tmp_path, phot
     ws = Workspace(tmp_path / "ws")
     result = _resize(folder, ws)
     assert _tree(folder) == before  # byte-identical, nothing added
-    rows = {row["stem"]: row for row in load_rows(result)}
+    rows = {row["stem"]: row for row in load_rows(result, ws)}
     assert Path(rows["ready"]["prepared"]).read_bytes() == (folder / "ready.png").read_bytes()
     assert Path(rows["ready-jpeg"]["prepared"]).suffix == ".jpg"  # copied, not re-encoded
     assert Path(rows["ready-jpeg"]["prepared"]).read_bytes() == (folder / "ready-jpeg.jpg").read_bytes()
@@ -203,7 +202,7 @@ def test_rerun_reuses_unchanged_images_and_redoes_a_changed_one(tmp_path, photo)
     assert (second.processed, second.reused) == (1, 2)
     third = _resize(folder, ws, ResizeSettings(resolution=64, min_side=1000))  # min_side only warns
     assert (third.processed, third.reused) == (0, 3)
-    Path(load_rows(third)[0]["prepared"]).unlink()  # a deleted output is redone
+    Path(load_rows(third, ws)[0]["prepared"]).unlink()  # a deleted output is redone
     assert _resize(folder, ws).processed == 1
 
 

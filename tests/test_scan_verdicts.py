@@ -7,7 +7,6 @@ from pathlib import Path
 import pillow_heif
 from PIL import Image
 
-from likeness.content import HashIndex
 from likeness.settings import CaptionSource, Concept, ResizeSettings
 from likeness.stages import load_rows
 from likeness.tasks.resize import resize_stage
@@ -25,7 +24,7 @@ def _heic(path: Path, size=(60, 40)) -> Path:
 
 def _scan(tmp_path, concept):
     ws = Workspace(tmp_path / "ws")
-    return scan_stage([concept], 8, ws, HashIndex(ws.hash_index)) + (ws,)
+    return scan_stage([concept], 8, ws, ws.hashes()) + (ws,)
 
 
 def test_every_file_gets_a_verdict(tmp_path, photo):
@@ -69,7 +68,7 @@ def test_every_file_gets_a_verdict(tmp_path, photo):
     text = (ws.reports / "scan-report.md").read_text()
     assert "## Every file" in text and "| `Thumbs.db` | skipped | hidden or system file |" in text
     assert "| me | 2 | 3 | 11 | 1 | 0 |" in text  # images; files used, skipped, warning, error
-    assert [row["stem"] for row in load_rows(result)] == ["a", "b"]
+    assert [row["stem"] for row in load_rows(result, ws)] == ["a", "b"]
 
 
 def test_heic_photos_are_read_and_resized(tmp_path):
@@ -78,10 +77,10 @@ def test_heic_photos_are_read_and_resized(tmp_path):
     _heic(folder / "phone.heic", size=(90, 60))
     concept = Concept(name="me", path=folder, caption=CaptionSource(source="text", text="ohwx man"))
     result, report, ws = _scan(tmp_path, concept)
-    (row,) = load_rows(result)
+    (row,) = load_rows(result, ws)
     assert (row["format"], row["width"], row["height"]) == ("HEIF", 90, 60)
-    resized = resize_stage(result, ResizeSettings(resolution=64), ws, HashIndex(ws.hash_index))
-    (out,) = load_rows(resized)
+    resized = resize_stage(result, ResizeSettings(resolution=64), ws, ws.hashes())
+    (out,) = load_rows(resized, ws)
     prepared = Image.open(out["prepared"]).convert("RGB")
     assert prepared.size == (64, 64) and (out["offset_top"], out["scaled_height"]) == (11, 43)
     assert prepared.getpixel((5, 32))[2] > 150 and prepared.getpixel((58, 32))[0] > 150  # blue left, red right

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image, ImageOps
 from skimage import data
 
-from likeness.content import HashIndex
 from likeness.stages import Counts
 from likeness.tasks.evaluate.grid import EvaluationError, read_eval_table, write_eval_table
 from likeness.tasks.evaluate.scores import scores_stage
@@ -16,7 +15,7 @@ from likeness.workspace import Workspace
 
 def grid_table(ws: Workspace, columns: dict[str, list[Image.Image]]):
     """A grid stage table as `grid_stage` writes it, with the given images as each column's."""
-    index, rows, candidates = HashIndex(ws.hash_index), [], []
+    index, rows, candidates = ws.hashes(), [], []
     for number, (name, images) in enumerate(columns.items()):
         epoch = None if name == "base" else number
         candidates.append({"name": name, "path": name, "epoch": epoch, "step": number, "key": name})
@@ -46,8 +45,8 @@ def test_face_identity_per_checkpoint(workspace, monkeypatch):
         "person-2.safetensors": [Image.fromarray(data.coffee()), Image.fromarray(data.rocket()),
                                  astronaut.rotate(6), Image.new("RGB", (64, 64))],
     })
-    result = scores_stage(grid, settings, ws, HashIndex(ws.hash_index))
-    base, person, mostly_none = read_eval_table(result)["rows"]
+    result = scores_stage(grid, settings, ws, ws.hashes())
+    base, person, mostly_none = read_eval_table(result, ws)["rows"]
     assert base["base"] and base["face_identity"] < 0.3 and base["face_no_face"] == 0.5
     assert person["face_identity"] > 0.8 and person["face_no_face"] == 0.0
     assert person["face_identity_min"] <= person["face_identity"] <= person["face_identity_max"]
@@ -55,9 +54,9 @@ def test_face_identity_per_checkpoint(workspace, monkeypatch):
     assert mostly_none["face_no_face"] == 0.75 and mostly_none["face_identity"] > 0.8
     assert person["dino"] is None and person["clip_t"] is None  # not enabled
     assert "face_identity" in (ws.root / "evaluation" / "scores.csv").read_text().splitlines()[0]
-    again = scores_stage(grid, settings, ws, HashIndex(ws.hash_index))
+    again = scores_stage(grid, settings, ws, ws.hashes())
     assert (again.processed, again.reused) == (0, 3)
-    assert read_eval_table(again)["rows"] == read_eval_table(result)["rows"]
+    assert read_eval_table(again, ws)["rows"] == read_eval_table(result, ws)["rows"]
 
     # training photos with no face at all: a clear error, not a crash (a new threshold: new records)
     from likeness.tasks.evaluate import scores
@@ -65,4 +64,4 @@ def test_face_identity_per_checkpoint(workspace, monkeypatch):
     settings.evaluation.face_score_threshold = 0.71
     monkeypatch.setattr(scores, "open_photo", lambda path: Image.fromarray(data.coffee()))
     with pytest.raises(EvaluationError, match="no face found in any of the 3 subject photos"):
-        scores_stage(grid, settings, ws, HashIndex(ws.hash_index))
+        scores_stage(grid, settings, ws, ws.hashes())

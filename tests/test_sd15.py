@@ -224,7 +224,7 @@ def test_prepare_flow_caches_latents_and_text_for_sd15(prepare_settings, tiny_sd
     assert set(text) == {"text_encoder_hidden"}
     want = encode_prompt_sd15(sd15.text_encoder, sd15.tokenizer, [row["caption"]])[0]
     assert torch.allclose(text["text_encoder_hidden"], want, atol=1e-6)
-    manifest = read_manifest(ws.manifest).set_index("id")
+    manifest = read_manifest(ws.manifest, ws).set_index("id")
     image = image_tensor(manifest.loc[row["id"], "prepared_path"])[None]  # (1, 3, 64, 64)
     latent = load_file(row["latent_path"])["latent"]  # (4, 8, 8)
     assert latent.shape == (4, 8, 8) and torch.allclose(latent, encode_images(sd15.vae, image)[0], atol=1e-5)

@@ -77,7 +77,7 @@ def test_sd15_trains_saves_a_loadable_single_file_and_evaluates(sd15_run, tiny_s
 def check_class_prior_loss(settings, result) -> None:
     """The class-prior loss of the saved checkpoint, loaded as evaluation loads it: finite, deterministic."""
     ws = Workspace.from_settings(settings)
-    rows = loss_rows(read_manifest(ws.manifest), read_latents_index(ws.latents_index), "class_prior", 2)
+    rows = loss_rows(read_manifest(ws.manifest, ws), read_latents_index(ws.latents_index), "class_prior", 2)
     assert len(rows) == 2
     candidate = Candidate(result.final_checkpoint.name, str(result.final_checkpoint), 2, result.steps, "k")
     pipe = load_candidate(candidate, settings, torch.device("cpu"))

@@ -1,7 +1,6 @@
 """Checkpoint selection on constructed score tables: every rule, each guard exactly at its tolerance,
 ties to the earlier checkpoint, the fallback, and the report, plot and atomic copy."""
 
-import json
 
 import pytest
 from PIL import Image
@@ -9,7 +8,7 @@ from PIL import Image
 from likeness.content import HashIndex
 from likeness.settings import SelectionSettings
 from likeness.stages import Counts
-from likeness.tasks.evaluate.grid import eval_table, write_eval_table
+from likeness.tasks.evaluate.grid import eval_table, read_eval_table, write_eval_table
 from likeness.tasks.evaluate.select import PICKS_FILE, SelectionError, choose, guard_failures, likeness, scores_table, select_stage
 from likeness.workspace import Workspace
 
@@ -116,7 +115,7 @@ def test_select_stage_copies_the_choice_and_writes_report_and_plot(tmp_path):
     write_eval_table(ws, "scores", table, Counts(), {}, {})
     result = select_stage(scores_table(ws), SelectionSettings(), tmp_path / "out", ws, HashIndex())
 
-    extra = json.loads(result.table.read_text())["extra"]
+    extra = read_eval_table(result, ws)["extra"]
     copied = tmp_path / "out" / "person-30.safetensors"
     assert extra["copied"] == str(copied) and copied.read_bytes() == b"weights of epoch 30"
     assert files[30].is_file()  # copied, not moved
@@ -151,7 +150,7 @@ def test_a_new_pick_removes_the_earlier_picks_of_select_but_never_a_users_file(t
 
     def pick(**rule):
         result = select_stage(scores_table(ws), SelectionSettings(**rule), out, ws, HashIndex())
-        return json.loads(result.table.read_text())["extra"]
+        return read_eval_table(result, ws)["extra"]
 
     assert pick()["copied"] == str(out / "person-30.safetensors")
     second = pick(rule="epoch", epoch=15)

@@ -44,7 +44,7 @@ Row = dict[str, Any]
 
 def subject_photos(ws: Workspace) -> list:
     """The subject's training photos (the originals where they still exist: larger faces than the prepared)."""
-    df = read_manifest(ws.manifest)
+    df = read_manifest(ws.manifest, ws)
     rows = df[(df["role"] == "subject") & ~df["validation"].astype(bool)].sort_values("id").to_dict("records")
     return [open_photo(r["source_path"] if Path(r["source_path"]).is_file() else r["prepared_path"]) for r in rows]
 

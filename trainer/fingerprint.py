@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from likeness.content import HashIndex, digest_parts, file_digest, model_fingerprint
+from likeness.content import digest_parts, file_digest, model_fingerprint
 from likeness.latent_index import model_parts, settings_family
 from likeness.settings import Settings
 from likeness.stages import PrepareError
@@ -44,6 +44,10 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if part in training:
             training[part].pop("stop_training_after")  # the unit stays: it decides what the count means
+    for concept in relevant["concepts"]:  # where the photos lie is not what is trained: the manifest has their content
+        concept.pop("path")
+        concept["caption"].pop("path")
+    relevant["model"].pop("base_model")  # keyed by its content (training_fingerprint)
     relevant["seed"] = settings.run.seed
     relevant["class_prior_images"] = settings.evaluation.class_prior_images  # which images are held out
     return relevant
@@ -51,7 +55,7 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
 
 def training_fingerprint(settings: Settings, ws: Workspace) -> str:
     """What a backup must match to be resumed or extended: training settings, the data read, the base model."""
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     base = model_fingerprint(settings.model.base_model, index)
     index.save()  # a multi-GB base model is hashed once, then known by its size and mtime
     return digest_parts("train", TRAIN_VERSION, training_relevant(settings), file_digest(ws.manifest),
@@ -64,7 +68,7 @@ def train_key(settings: Settings, ws: Workspace) -> str:
     if settings.evaluation.during_training.enabled:  # evaluations and early stop change what is written
         outputs["evaluation"] = settings.evaluation.model_dump(mode="json", exclude={"selection"})
         outputs["fidelity_tolerance"] = settings.evaluation.selection.fidelity_tolerance
-    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs, str(ws.root))
+    return digest_parts("train-stage", training_fingerprint(settings, ws), run_length(settings), outputs)
 
 
 def settings_hash(settings: Settings) -> str:

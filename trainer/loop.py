@@ -214,7 +214,8 @@ class Trainer:
         self.step, self.losses = backup.step, LossLog(objects["losses"])
         if self.evaluator is not None:  # the evaluation history goes on where the backup left it
             self.evaluator.history = list(objects.get("evaluations") or [])
-        saved = [SavedCheckpoint(Path(path), sha, int(epoch), int(step)) for path, sha, epoch, step in objects.get("saved", [])]
+        saved = [SavedCheckpoint(self.ws.absolute(path), sha, int(epoch), int(step))
+                 for path, sha, epoch, step in objects.get("saved", [])]
         self.saved = [c for c in saved if c.path.exists()]  # a finished run's checkpoints stay listed
         restore_rng(objects["rng"])
         for line in describe_continuation(backup.progress, self.settings, self.total_steps):
@@ -237,7 +238,7 @@ class Trainer:
                        "sampler": self.data.sampler.state_dict(), "losses": self.losses.rows,
                        "ema": self.ema.state_dict() if self.ema is not None else None,
                        "evaluations": self.evaluator.history if self.evaluator is not None else [],
-                       "saved": [[str(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
+                       "saved": [[self.ws.relative(c.path), c.sha256, c.epoch, c.step] for c in self.saved]}
             progress = {"epoch": self.epoch, "step": self.step, "batch": self.data.sampler.position.batch,
                         "length": run_length(self.settings), "total_steps": self.total_steps}
             path = save_backup(self.ws.backups, step=self.step, fingerprint=self.fingerprint, weights=weights,

@@ -79,7 +79,7 @@ class TrainData:
 
     def __init__(self, ws: Workspace, settings: Settings, world_size: int = 1, rank: int = 0) -> None:
         check_prepared(ws)
-        self.manifest = read_manifest(ws.manifest)
+        self.manifest = read_manifest(ws.manifest, ws)
         self.rows = trainable_ids(self.manifest, settings)  # indexed by id
         self.index = latents_index(ws.latents_index)
         missing = sorted(set(self.rows.index) - set(self.index["id"]))

@@ -11,7 +11,7 @@ Inputs come from the latent cache: VAE latents, and the outputs of the text enco
 frozen in training (TE2 by default). An encoder that was trained (TE1 by default) runs live with
 the checkpoint's own weights.
 
-    rows = loss_rows(read_manifest(ws.manifest), pd.read_csv(ws.latents_index), "class_prior", 8)
+    rows = loss_rows(read_manifest(ws.manifest, ws), read_latents_index(ws.latents_index, ws), "class_prior", 8)
     value = deterministic_loss(pipe, rows, settings)      # mean loss, a float; None without rows
 """
 

@@ -15,7 +15,7 @@ even loaded. Layout, under the workspace:
     evaluation/grids/overview.jpg        columns = checkpoints, rows = prompts (first seed)
     evaluation/<stage>.json              each stage's table (grid, scores, select)
 
-    result = grid_stage([Path("workspace/save/person-15.safetensors")], settings, ws, HashIndex(ws.hash_index))
+    result = grid_stage([Path("workspace/save/person-15.safetensors")], settings, ws, ws.hashes())
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from PIL import Image
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
 from likeness.files import write_atomic
-from likeness.latent_index import model_parts
+from likeness.latent_index import model_parts, read_latents_index
 from likeness.manifest import read_manifest
 from likeness.models.checkpoint_info import FOLDER_METADATA, load_checkpoint_metadata
 from likeness.settings import Settings
@@ -67,15 +66,16 @@ def eval_table(ws: Workspace, stage: str) -> Path:
 
 def write_eval_table(ws: Workspace, stage: str, rows: list[Row], counts: Counts, outputs: dict[str, str],
                      extra: dict[str, Any]) -> StageResult:
-    """Like `stages.write_table`, in `evaluation/<stage>.json`."""
-    payload = {"stage": stage, "version": EVALUATE_VERSION, "rows": rows, "outputs": outputs, "extra": extra}
+    """Like `stages.write_table`, in `evaluation/<stage>.json` (paths relative, `Workspace.portable`)."""
+    payload = ws.portable({"stage": stage, "version": EVALUATE_VERSION, "rows": rows, "outputs": outputs, "extra": extra})
     data = json.dumps(payload, indent=1, sort_keys=True, default=str).encode("utf-8")
     path = write_atomic(eval_table(ws, stage), data)
     return StageResult(stage, path, bytes_digest(data), counts.processed, counts.reused)
 
 
-def read_eval_table(result: StageResult) -> dict[str, Any]:
-    return json.loads(result.table.read_text(encoding="utf-8"))
+def read_eval_table(result: StageResult, ws: Workspace) -> dict[str, Any]:
+    """An evaluation table, its paths absolute in `ws`."""
+    return ws.local(json.loads(result.table.read_text(encoding="utf-8")))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -179,14 +179,14 @@ def _optional_digest(path: Path) -> str | None:
 
 def grid_key(checkpoints: list[str], settings: Settings, ws: Workspace) -> str:
     """The grid stage's cache key: checkpoint contents, prompts, generation and loss settings, prepared data."""
-    index = HashIndex(ws.hash_index)
-    columns = [asdict(c) for c in candidates(checkpoints, settings, index)]
+    index = ws.hashes()
+    columns = [(c.name, c.epoch, c.step, c.key) for c in candidates(checkpoints, settings, index)]  # content, not where
     config = model_fingerprint(settings.model.config, index) if settings.model.config else None
     index.save()
     e = settings.evaluation
     return digest_parts("grid", EVALUATE_VERSION, columns, config, e.prompts, seeds(settings), generation_settings(settings),
                         loss_settings(settings), sorted(set(e.metrics) & set(LOSSES)),
-                        _optional_digest(ws.manifest), _optional_digest(ws.latents_index), str(ws.root))
+                        _optional_digest(ws.manifest), _optional_digest(ws.latents_index))
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settin
             out.append({"image": str(path), "image_hash": digest, "outputs": {str(path): digest}})
         return out
 
-    records = ItemRecords(evaluation_dir(ws) / "records" / "images", index)
+    records = ItemRecords(evaluation_dir(ws) / "records" / "images", index, ws)
     rows, counts = map_cached(items, key, compute, records, batch_size=1)
     return [{k: v for k, v in row.items() if k != "outputs"} for row in rows], counts
 
@@ -261,7 +261,7 @@ def _loss_inputs(settings: Settings, ws: Workspace, index: HashIndex) -> dict[st
         raise EvaluationError(
             f"the class-prior and validation losses read the latent cache ({ws.latents_index}), which does not exist: "
             "run `likeness prepare` first, or drop class_prior_loss and validation_loss from evaluation.metrics")
-    manifest, latents = read_manifest(ws.manifest), pd.read_csv(ws.latents_index, keep_default_na=False)
+    manifest, latents = read_manifest(ws.manifest, ws), read_latents_index(ws.latents_index, ws)
     inputs = {}
     for metric in wanted:
         rows = loss_rows(manifest, latents, LOSSES[metric], settings.evaluation.class_prior_images)
@@ -275,7 +275,7 @@ def _column_losses(column: Candidate, inputs: dict[str, tuple[list[Row], str]], 
                    ws: Workspace, index: HashIndex) -> dict[str, float | None]:
     from likeness.tasks.evaluate.class_prior import deterministic_loss
 
-    records = ItemRecords(evaluation_dir(ws) / "records" / "losses", index)
+    records = ItemRecords(evaluation_dir(ws) / "records" / "losses", index, ws)
     values = {}
     for metric, (rows, content) in inputs.items():
         key = digest_parts("loss", EVALUATE_VERSION, metric, column.key, content)
@@ -309,9 +309,9 @@ def write_grids(columns: list[Candidate], rows: list[Row], settings: Settings, w
     return paths
 
 
-def grid_markdown(result: StageResult, max_side: int = 768) -> str:
+def grid_markdown(result: StageResult, ws: Workspace, max_side: int = 768) -> str:
     """Markdown for the Prefect UI: each grid inline (a downscaled JPEG data URI) and its file path."""
-    table = read_eval_table(result)
+    table = read_eval_table(result, ws)
     lines = [f"# Evaluation grids\n\n{len(table['extra']['candidates'])} columns (base model first), "
              f"{result.processed} images generated, {result.reused} reused.\n"]
     for path in map(Path, table["extra"]["grids"]):
@@ -332,8 +332,8 @@ def _data_uri(path: Path, max_side: int) -> str:
 def generate_grid(checkpoints: list[str], settings: Settings, ws: Workspace) -> StageResult:
     """Base model + every checkpoint x prompts x seeds (same seeds everywhere), labelled grids, losses."""
     logger = get_run_logger()
-    result = grid_stage(checkpoints, settings, ws, HashIndex(ws.hash_index),
+    result = grid_stage(checkpoints, settings, ws, ws.hashes(),
                         lambda done, total: logger.info("grid: %d / %d columns done", done, total))
-    create_markdown_artifact(grid_markdown(result), key="grid", description="Checkpoints x prompts x seeds")
-    logger.info("%s; overview: %s", result.summary(), read_eval_table(result)["extra"]["grids"][-1])
-    return result
+    create_markdown_artifact(grid_markdown(result, ws), key="grid", description="Checkpoints x prompts x seeds")
+    logger.info("%s; overview: %s", result.summary(), read_eval_table(result, ws)["extra"]["grids"][-1])
+    return ws.portable(result)

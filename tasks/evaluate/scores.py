@@ -15,7 +15,7 @@ scored alone and models load only when some record is missing.
 
 Writes `evaluation/scores.json` (the table `likeness select` reads) and `evaluation/scores.csv`.
 
-    result = scores_stage(grid_result, settings, ws, HashIndex(ws.hash_index))
+    result = scores_stage(grid_result, settings, ws, ws.hashes())
 """
 
 from __future__ import annotations
@@ -64,14 +64,14 @@ def crop_settings(settings: Settings, index: HashIndex) -> Any:
 
 
 def scores_key(grid: StageResult, settings: Settings, ws: Workspace) -> str:
-    index = HashIndex(ws.hash_index)
+    index = ws.hashes()
     models = {kind: model_fingerprint(_model_name(settings, kind), index) for kind in ("dino", "clip")}
     crops = crop_settings(settings, index)
     manifest = index.digest(ws.manifest) if ws.manifest.is_file() else None
     faces = face_settings(settings, index) if "face_identity" in settings.evaluation.metrics else None
     index.save()
     return digest_parts("scores", SCORES_VERSION, grid.table_digest, sorted(settings.evaluation.metrics), models, crops,
-                        manifest, faces, str(ws.root))
+                        manifest, faces)
 
 
 def face_settings(settings: Settings, index: HashIndex) -> Any:
@@ -92,7 +92,7 @@ def reference_rows(ws: Workspace) -> list[Row]:
     if not ws.manifest.is_file():
         raise EvaluationError(f"likeness compares with the training photos listed in {ws.manifest}, which does not "
                               "exist: run `likeness prepare` first, or drop dino and clip_i from evaluation.metrics")
-    df = read_manifest(ws.manifest)
+    df = read_manifest(ws.manifest, ws)
     rows = df[(df["role"] == "subject") & ~df["validation"].astype(bool)].sort_values("id")
     if rows.empty:
         raise EvaluationError(f"{ws.manifest}: no subject photos to compare with; add a concept with role 'subject'")
@@ -192,10 +192,10 @@ def _face_values(inputs: Inputs, images: list[Row], records: ItemRecords, photos
 
 def scores_stage(grid: StageResult, settings: Settings, ws: Workspace, index: HashIndex) -> StageResult:
     """A row of scores per column of the grid; writes evaluation/scores.json and scores.csv."""
-    table = read_eval_table(grid)
+    table = read_eval_table(grid, ws)
     enabled = [m for m in METRICS if m in settings.evaluation.metrics]
     image_metrics = [m for m in enabled if m in IMAGE_METRICS]
-    inputs, records = Inputs(settings, ws), ItemRecords(evaluation_dir(ws) / "records" / "scores", index)
+    inputs, records = Inputs(settings, ws), ItemRecords(evaluation_dir(ws) / "records" / "scores", index, ws)
     photos = _photo_digest(ws, index) if {"dino", "clip_i", "face_identity"} & set(enabled) else None
     faces = face_settings(settings, index) if "face_identity" in enabled else None
     crops = crop_settings(settings, index)
@@ -224,7 +224,7 @@ def scores_stage(grid: StageResult, settings: Settings, ws: Workspace, index: Ha
         rows.append({"checkpoint": column["name"], "label": "base" if column["epoch"] is None else f"epoch {column['epoch']}",
                      "path": column["path"], "epoch": column["epoch"], "step": column["step"],
                      "base": column["epoch"] is None, **values, "likeness": likeness(values, enabled)})
-    frame = pd.DataFrame(rows).astype({"epoch": "Int64"})  # the base model's epoch is empty, not NaN
+    frame = pd.DataFrame(ws.portable(rows)).astype({"epoch": "Int64"})  # the base model's epoch is empty, not NaN
     csv = frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
     csv_path = write_atomic(evaluation_dir(ws) / "scores.csv", csv)
     result = write_eval_table(ws, "scores", rows, counts, {str(csv_path): bytes_digest(csv)}, {"metrics": enabled})
@@ -248,8 +248,8 @@ def _text(value: Any) -> str | None:
 @task(name="score-checkpoints", cache_policy=StagePolicy(key_fn=scores_key))
 def score_checkpoints(grid: StageResult, settings: Settings, ws: Workspace) -> StageResult:
     """Likeness (DINO, CLIP-I), prompt fidelity (CLIP-T) and the losses, one row per checkpoint."""
-    result = scores_stage(grid, settings, ws, HashIndex(ws.hash_index))
-    rows = [{k: v for k, v in row.items() if k != "path"} for row in read_eval_table(result)["rows"]]
+    result = scores_stage(grid, settings, ws, ws.hashes())
+    rows = [{k: v for k, v in row.items() if k != "path"} for row in read_eval_table(result, ws)["rows"]]
     create_table_artifact(rows, key="scores", description="Scores per checkpoint (base model first)")
     get_run_logger().info(result.summary())
-    return result
+    return ws.portable(result)

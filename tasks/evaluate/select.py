@@ -300,7 +300,7 @@ def score_table(rows: Sequence[Row], choice: Choice) -> list[Row]:
     return shown
 
 
-def report_markdown(rows: Sequence[Row], choice: Choice, copied: Path, plot: Path | None, grids: Sequence[str]) -> str:
+def report_markdown(rows: Sequence[Row], choice: Choice, copied: Path | str, plot: Path | None, grids: Sequence[str]) -> str:
     table = score_table(rows, choice)
     header = list(table[0])
     lines = ["# Checkpoint selection", "", f"**Chosen:** `{choice.row['checkpoint']}` -> `{copied}`", "",
@@ -361,7 +361,7 @@ def plot_scores(rows: Sequence[Row], choice: Choice, selection: SelectionSetting
 
 def select_key(scores: StageResult, selection: SelectionSettings, destination: Path, ws: Workspace) -> str:
     return digest_parts("select", SELECT_VERSION, scores.table_digest, selection.model_dump(mode="json"),
-                        str(destination), str(ws.root))
+                        ws.relative(destination))
 
 
 def scores_table(ws: Workspace) -> StageResult:
@@ -376,7 +376,7 @@ def scores_table(ws: Workspace) -> StageResult:
 def select_stage(scores: StageResult, selection: SelectionSettings, destination: Path, ws: Workspace,
                  index: HashIndex) -> StageResult:
     """Choose, copy the checkpoint out, write selection.md and selection.png; the table is evaluation/select.json."""
-    rows = read_eval_table(scores)["rows"]
+    rows = read_eval_table(scores, ws)["rows"]
     choice = choose(rows, selection)
     source = Path(choice.row["path"])
     copied = copy_checkpoint(source, destination_path(source, Path(destination)))
@@ -384,8 +384,9 @@ def select_stage(scores: StageResult, selection: SelectionSettings, destination:
     folder = evaluation_dir(ws)
     plot = plot_scores(rows, choice, selection, folder / "selection.png")
     grid = eval_table(ws, "grid")
-    grids = read_eval_table(StageResult("grid", grid, "", 0, 0))["extra"]["grids"] if grid.is_file() else []
-    report = report_markdown(rows, choice, copied, plot, grids)
+    grids = read_eval_table(StageResult("grid", grid, "", 0, 0), ws)["extra"]["grids"] if grid.is_file() else []
+    # The report names paths as records do (`{workspace}/output/...`): it is kept in the table, valid after a move.
+    report = report_markdown(rows, choice, ws.relative(copied), plot, [ws.relative(g) for g in grids])
     report_path = write_atomic(folder / "selection.md", report)
     outputs = {str(p): index.digest(p) for p in (report_path, plot)}
     if copied.is_file():
@@ -411,8 +412,8 @@ def as_text(table: list[Row]) -> list[Row]:
 @task(name="select-checkpoint", cache_policy=StagePolicy(key_fn=select_key))
 def select_checkpoint(scores: StageResult, selection: SelectionSettings, destination: Path, ws: Workspace) -> StageResult:
     """The best checkpoint by the selection rule, copied to the output destination, with its report."""
-    result = select_stage(scores, selection, destination, ws, HashIndex(ws.hash_index))
-    extra = read_eval_table(result)["extra"]
+    result = select_stage(scores, selection, destination, ws, ws.hashes())
+    extra = read_eval_table(result, ws)["extra"]
     plot = Path(extra["plot"])
     inline = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode("ascii")
     create_markdown_artifact(extra["markdown"].replace(f"]({plot.name})", f"]({inline})"), key="selection",
@@ -424,4 +425,4 @@ def select_checkpoint(scores: StageResult, selection: SelectionSettings, destina
     logger.info("%s -> %s: %s", extra["chosen"], extra["copied"], extra["reason"])
     for earlier in extra.get("removed", []):
         logger.info("removed %s, the checkpoint an earlier selection copied there", earlier)
-    return result
+    return ws.portable(result)
