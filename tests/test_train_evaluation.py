@@ -145,8 +145,8 @@ def test_the_evaluate_stage_reuses_the_in_training_evaluations_images(train_sett
     assert (grid.processed, grid.reused, table["extra"]["from_training"]) == (5, 1, 1)
     assert reuse_line(grid, 1) == "evaluate: 1 images reused from the in-training evaluation, 0 from earlier runs, 5 generated"
 
-    # a fresh generation of every image: the same images, to float rounding (the checkpoint's weights are the
-    # evaluated ones to the bit; the loaded UNet sums in another order, ~1e-6)
+    # a fresh generation of every image: the same images to float rounding (the checkpoint holds the evaluated
+    # weights to the bit, but MKL's products depend on the weights' memory alignment: a few pixels 1/255 apart)
     reused = {(r["checkpoint"], r["seed"]): pixels(r["image"]) for r in table["rows"]}
     for folder in ("images", "records"):
         shutil.rmtree(ws.root / "evaluation" / folder)

@@ -73,8 +73,9 @@ def grid_mismatch(settings: Settings, device: torch.device, checkpoint: bool = T
     kept the values the evaluation computed with. Under autocast the matrix products see the same
     values; the norms run in float32 there (train_dtype in the grid): the images agree to
     train_dtype's precision, the latitude the grid's cache already takes (its keys name no device
-    or dtype). In float32 on a CPU the weights are the same bits and the images agree to about
-    1/255 (the loaded checkpoint's UNet sums in another order: outputs ~1e-6 apart).
+    or dtype). In float32 on a CPU the weights are the same bits and the images agree to 1/255 on a
+    few pixels: the CPU's matrix products (MKL) sum in an order that depends on the weights' memory
+    alignment, which differs between the trained tensors and the loaded checkpoint's (~1e-7 apart).
     """
     t = settings.training
     if checkpoint and t.method == "lora":  # (at the start the adapters are still zero: the base model's weights)
