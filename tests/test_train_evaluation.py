@@ -3,8 +3,12 @@ logged to the loss table, the sinks and reports/evaluation.csv, kept in backups;
 face identity without improvement, or on prompt fidelity below the base model's tolerance."""
 
 import csv
+import json
+import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from likeness.settings import Settings
 from likeness.trainer.backup import latest_backup
@@ -67,8 +71,8 @@ def test_training_evaluates_logs_and_stops_early(train_settings, tiny_model_dirs
                               evaluation={"prompts": ["photo of ohwx man"], "steps": 2, "clip_model": str(tiny_model_dirs.clip),
                                           "during_training": {"enabled": True, "every": 1, "seeds": 2,
                                                               "early_stop": True, "patience": 2}})
-    sink = Recording()
-    result = train(settings, log=print, sinks=[sink])
+    sink, lines = Recording(), []
+    result = train(settings, log=lines.append, sinks=[sink])
     # the tiny random model draws no face: identity never improves, so it stops after 2 evaluations
     assert result.stopped_early.startswith("face identity has not improved")
     assert result.epochs == 2 and result.final_checkpoint.name == "test-2.safetensors"
@@ -85,3 +89,100 @@ def test_training_evaluates_logs_and_stops_early(train_settings, tiny_model_dirs
     backup = latest_backup(ws.backups, training_fingerprint(settings, ws))
     assert [row["epoch"] for row in backup.objects()["evaluations"]] == [0, 1, 2]  # the kept final state (backups.keep_final)
     assert len(list((ws.samples / "evaluation").glob("*.jpg"))) == 6
+    # each evaluation's images go to the evaluate stage for the weights that made them: the base model and
+    # test-1, test-2 (saved at the evaluated steps, just before the evaluations)
+    shared = [line for line in lines if "the evaluate stage reuses them" in line]
+    assert [line.split(" recorded")[0] for line in shared] == [
+        "2 evaluation image(s) of the base model", "2 evaluation image(s) of step 6", "2 evaluation image(s) of step 12"]
+    records = [json.loads(p.read_text()) for p in (ws.root / "evaluation" / "records" / "images").glob("*.json")]
+    assert len(records) == 6 and all(r["source"] == "in-training evaluation" for r in records)
+
+
+@pytest.fixture
+def grid_generations(monkeypatch):
+    """The images the grid stage generates, as (checkpoint file name or 'base', seed)."""
+    from likeness.models import sampling  # the grid imports generate from it when it generates
+    from likeness.tasks.evaluate import grid as grid_module
+
+    made, generate, load = [], sampling.generate, grid_module.load_candidate
+    loading = []
+
+    def counting_load(candidate, *args):
+        loading.append(candidate.name)
+        return load(candidate, *args)
+
+    def counting_generate(pipe, prompts, negatives, seeds, **kwargs):
+        made.extend((loading[-1], seed) for seed in seeds)
+        return generate(pipe, prompts, negatives, seeds, **kwargs)
+
+    monkeypatch.setattr(grid_module, "load_candidate", counting_load)
+    monkeypatch.setattr(sampling, "generate", counting_generate)  # the trainer's evaluation bound its own at import
+    return made
+
+
+def test_the_evaluate_stage_reuses_the_in_training_evaluations_images(train_settings, tiny_model_dirs, grid_generations):
+    from likeness.tasks.evaluate.grid import find_checkpoints, grid_stage, read_eval_table, reuse_line
+
+    # saves after epochs 1 and 2; evaluates epoch 2 alone (the last: before its save), 1 seed of the grid's 2:
+    # the grid reuses seed 0 of test-2 and generates its seed 1, all of base and test-1 (not evaluated)
+    settings = train_settings(sampling={"unit": "NEVER"}, backups={"unit": "NEVER", "keep_final": False},
+                              evaluation={"prompts": ["photo of ohwx man"], "steps": 2, "seeds_per_prompt": 2,
+                                          "metrics": ["clip_t"], "clip_model": str(tiny_model_dirs.clip),
+                                          "during_training": {"enabled": True, "every": 2, "at_start": False, "seeds": 1,
+                                                              "prompt_fidelity": False}})
+    logged = []
+    result = train(settings, log=logged.append)
+    assert [row["epoch"] for row in result.evaluations] == [2]
+    assert "1 evaluation image(s) of step 12 recorded for test-2.safetensors: the evaluate stage reuses them" in logged
+    ws = Workspace.from_settings(settings)
+    checkpoints = [str(p) for p in find_checkpoints(ws)]
+    assert [p.rsplit("/", 1)[-1] for p in checkpoints] == ["test-1.safetensors", "test-2.safetensors"]
+
+    grid = grid_stage(checkpoints, settings, ws, ws.hashes())
+    assert sorted(grid_generations) == [("base", 0), ("base", 1), ("test-1.safetensors", 0), ("test-1.safetensors", 1),
+                                        ("test-2.safetensors", 1)]
+    table = read_eval_table(grid, ws)
+    assert (grid.processed, grid.reused, table["extra"]["from_training"]) == (5, 1, 1)
+    assert reuse_line(grid, 1) == "evaluate: 1 images reused from the in-training evaluation, 0 from earlier runs, 5 generated"
+
+    # a fresh generation of every image: the same images to float rounding (the checkpoint holds the evaluated
+    # weights to the bit, but MKL's products depend on the weights' memory alignment: a few pixels 1/255 apart)
+    reused = {(r["checkpoint"], r["seed"]): pixels(r["image"]) for r in table["rows"]}
+    for folder in ("images", "records"):
+        shutil.rmtree(ws.root / "evaluation" / folder)
+    grid_generations.clear()
+    fresh = read_eval_table(grid_stage(checkpoints, settings, ws, ws.hashes()), ws)
+    assert len(grid_generations) == 6 and fresh["extra"]["from_training"] == 0
+    regenerated = {(r["checkpoint"], r["seed"]): pixels(r["image"]) for r in fresh["rows"]}
+    assert regenerated.keys() == reused.keys()
+    for cell, image in reused.items():
+        difference = np.abs(image - regenerated[cell])
+        assert difference.max() <= 2 and difference.mean() < 0.05, (cell, difference.max(), difference.mean())
+    other_seed = np.abs(reused["test-2.safetensors", 0] - reused["test-2.safetensors", 1]).mean()
+    assert regenerated["test-2.safetensors", 0].any()
+    assert other_seed > 10  # the tolerance is far below what another image differs by
+
+
+def pixels(path: str):
+    return np.asarray(Image.open(path), dtype=np.float32)
+
+
+@pytest.mark.parametrize(("training", "device", "why"), [
+    ({}, "cpu", None),  # all float32 (the demo, the tests)
+    ({"method": "lora"}, "cpu", "LoRA: the grid merges the adapters"),
+    ({"train_dtype": "bfloat16"}, "cpu", "the grid generates in float32 on cpu, the evaluation under autocast(bfloat16)"),
+    ({"unet": {"weight_dtype": "bfloat16"}}, "cpu", "training.unet.weight_dtype bfloat16: the grid computes that part in float32"),
+    ({"train_dtype": "bfloat16", "output_dtype": "bfloat16", "unet": {"weight_dtype": "bfloat16"}}, "cuda", None),  # the GPU profile
+    ({"train_dtype": "bfloat16", "output_dtype": "float16", "unet": {"weight_dtype": "bfloat16"}}, "cuda",
+     "training.output_dtype float16 rounds training.vae.weight_dtype float32"),
+])
+def test_images_are_shared_only_where_the_grid_computes_them_alike(training, device, why):
+    import torch
+
+    from likeness.trainer.evaluation import grid_mismatch
+
+    float32 = {"train_dtype": "float32", "output_dtype": "float32", **{part: {"weight_dtype": "float32"}
+               for part in ("unet", "text_encoder", "text_encoder_2")}}
+    settings = Settings.model_validate({"model": {"model_type": "sdxl"}, "training": float32 | training})
+    found = grid_mismatch(settings, torch.device(device))
+    assert found == why if why is None else found.startswith(why)

@@ -12,8 +12,15 @@ Early stop (`early_stop = true`): stop when face identity has not improved by `m
 the best so far for `patience` evaluations, or when prompt fidelity fell more than
 `evaluation.selection.fidelity_tolerance` below the base model's.
 
+The images are not made twice: when a checkpoint holds the weights an evaluation generated with
+(saved at the same step; the EMA weights, as both use), `share` records them in the evaluate
+stage's per-image cache under that checkpoint's key (`likeness/evaluation_images.py`), so the
+grid reuses every (prompt, seed) the two have in common and generates only the rest. It shares
+only where the grid would compute the same images (`grid_mismatch`): same weights, same dtype.
+
     evaluator = InTrainingEvaluator(settings, ws, device)
     row = evaluator.evaluate(pipe, step=120, epoch=3)
+    evaluator.share("file:" + sha256_of_checkpoint, step=120)
     if evaluator.stop_reason(): ...
 """
 
@@ -29,7 +36,10 @@ from typing import Any
 
 import torch
 
+from likeness.content import HashIndex
+from likeness.evaluation_images import FROM_TRAINING, generation_settings, image_key, record_image
 from likeness.files import write_atomic
+from likeness.latent_index import model_parts
 from likeness.manifest import read_manifest
 from likeness.models.embeddings import clip_text_embeddings, embed_images, load_embedder, mean_paired_similarity
 from likeness.models.faces import load_face_models, open_photo, reference_embeddings, score_identity
@@ -54,6 +64,36 @@ def scalars(row: Row) -> dict[str, float]:
     return {f"eval/{k}": float(v) for k, v in row.items() if k not in ("step", "epoch") and v is not None}
 
 
+def grid_mismatch(settings: Settings, device: torch.device, checkpoint: bool = True) -> str | None:
+    """Why the grid would not compute the in-training evaluation's images for the same weights (None: it would).
+
+    The grid loads a checkpoint in float32 on a CPU (in training.train_dtype on a GPU) and generates
+    without autocast; the evaluation holds each part in its weight_dtype under autocast(train_dtype).
+    Equal when the compute dtypes match and saving (`checkpoint`; else loading the base model)
+    kept the values the evaluation computed with. Under autocast the matrix products see the same
+    values; the norms run in float32 there (train_dtype in the grid): the images agree to
+    train_dtype's precision, the latitude the grid's cache already takes (its keys name no device
+    or dtype). In float32 on a CPU the weights are the same bits and the images agree to 1/255 on a
+    few pixels: the CPU's matrix products (MKL) sum in an order that depends on the weights' memory
+    alignment, which differs between the trained tensors and the loaded checkpoint's (~1e-7 apart).
+    """
+    t = settings.training
+    if checkpoint and t.method == "lora":  # (at the start the adapters are still zero: the base model's weights)
+        return "LoRA: the grid merges the adapters into the weights, training adds them unmerged"
+    grid = "float32" if device is None or torch.device(device).type == "cpu" else t.train_dtype
+    if t.train_dtype != grid:
+        return f"the grid generates in {grid} on {device}, the evaluation under autocast({t.train_dtype})"
+    for part in ("vae", "unet", *model_parts(settings)):
+        held = getattr(t, part).weight_dtype
+        if t.train_dtype == "float32" and held != "float32":
+            return f"training.{part}.weight_dtype {held}: the grid computes that part in float32"
+        if checkpoint and not (held == t.output_dtype or t.output_dtype in ("float32", t.train_dtype)):
+            return f"training.output_dtype {t.output_dtype} rounds training.{part}.weight_dtype {held}"
+        if not checkpoint and held not in ("float32", t.train_dtype):
+            return f"training.{part}.weight_dtype {held}: the grid loads the base model in {grid}"
+    return None
+
+
 class InTrainingEvaluator:
     """Generates and scores the evaluation prompts with the weights the loop holds; keeps the history."""
 
@@ -62,6 +102,7 @@ class InTrainingEvaluator:
         self.settings, self.ws, self.device = settings, ws, device
         self.during = settings.evaluation.during_training
         self.history: list[Row] = list(history or [])
+        self.last: tuple[int, list[tuple[str, int]], list] | None = None  # (step, items, images) of the last evaluation
 
     # --- when ---------------------------------------------------------------------------------
 
@@ -96,12 +137,11 @@ class InTrainingEvaluator:
 
     def evaluate(self, pipe: Any, step: int, epoch: int) -> Row:
         """Generate and score; the row (step, epoch, face_identity, face_no_face, clip_t, ...) joins the history."""
-        e, t = self.settings.evaluation, self.settings.training
-        started, items = time.monotonic(), self.items()
-        images = generate(pipe, [p for p, _ in items], [e.negative_prompt] * len(items), [s for _, s in items],
-                          steps=e.steps, cfg=e.cfg_scale, sampler=e.sampler,
-                          resolution=e.resolution or self.settings.resize.resolution,
-                          clip_skip_1=t.text_encoder.clip_skip, clip_skip_2=t.text_encoder_2.clip_skip)
+        gen, started, items = generation_settings(self.settings), time.monotonic(), self.items()
+        images = generate(pipe, [p for p, _ in items], [gen["negative_prompt"]] * len(items), [s for _, s in items],
+                          steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"], resolution=gen["resolution"],
+                          clip_skip_1=gen["clip_skip"][0],  # as the grid generates them (tasks/evaluate/grid.py)
+                          clip_skip_2=self.settings.training.text_encoder_2.clip_skip)
         row: Row = {"step": step, "epoch": epoch, **score_identity(self.faces, images, self.references).summary()}
         if self.during.prompt_fidelity:
             pictures = embed_images(self.clip, images)
@@ -112,7 +152,20 @@ class InTrainingEvaluator:
         row["seconds"] = time.monotonic() - started
         self.history.append(row)
         self.write()
+        self.last = (step, items, images)
         return row
+
+    def share(self, model_key: str, step: int) -> int:
+        """Record the last evaluation's images as those of the weights `model_key` names (a checkpoint
+        saved at `step`, or the base model at step 0) in the evaluate stage's image cache; how many
+        (0 when that evaluation was at another step: other weights)."""
+        if self.last is None or self.last[0] != step:
+            return 0
+        _, items, images = self.last
+        gen, index = generation_settings(self.settings), HashIndex()
+        for (prompt, seed), image in zip(items, images, strict=True):
+            record_image(self.ws, index, image_key(model_key, prompt, seed, gen), image, source=FROM_TRAINING)
+        return len(images)
 
     def write(self) -> Path:
         out = io.StringIO()

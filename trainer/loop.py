@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from likeness.content import HashIndex, file_digest, folder_digest
+from likeness.content import HashIndex, file_digest, folder_digest, model_fingerprint
 from likeness.latent_index import model_parts, settings_family
 from likeness.models.checkpoint import CheckpointInfo, checkpoint_filename
 from likeness.models.checkpoint_sd15 import save_any_checkpoint
@@ -44,7 +44,7 @@ from likeness.trainer.distributed import (
     Processes, average_gradients, digests_agree, mean_over_processes, start_processes,
 )
 from likeness.trainer.ema import EMA
-from likeness.trainer.evaluation import InTrainingEvaluator, scalars as evaluation_scalars
+from likeness.trainer.evaluation import InTrainingEvaluator, grid_mismatch, scalars as evaluation_scalars
 from likeness.trainer.extend import describe_continuation, resumable_backup
 from likeness.trainer.fingerprint import (  # noqa: F401  (train_key, training_relevant: re-exported)
     TRAIN_VERSION, run_length, settings_hash, train_key, training_fingerprint, training_relevant,
@@ -131,6 +131,7 @@ class Trainer:
         self._init_step(pipe, trained, total_steps)
         self.fingerprint = training_fingerprint(settings, self.ws) if procs.main else ""
         self.saved: list[SavedCheckpoint] = []
+        self.shared: set[Path | str] = set()  # checkpoints ("base": the base model) given evaluation images
         self.samples: list[Path] = []
         during = settings.evaluation.during_training.enabled
         self.evaluator = InTrainingEvaluator(settings, self.ws, procs.device) if during and procs.main else None
@@ -395,6 +396,7 @@ class Trainer:
             digest = file_digest(path) if path.is_file() else folder_digest(path, HashIndex())
             self.saved.append(SavedCheckpoint(path, digest, epoch, self.step))
             self.log(f"saved {path}")
+            self.share_evaluation()
         self.procs.barrier()
 
     def evaluate(self, epoch: int, saved: bool) -> str | None:
@@ -410,12 +412,42 @@ class Trainer:
             for sink in self.sinks:
                 sink.scalars(self.step, values)
             self.log(f"evaluation at epoch {epoch}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
+            self.share_evaluation()
             reason = self.evaluator.stop_reason()
         if self.procs.world_size > 1:
             shared = [reason]
             dist.broadcast_object_list(shared, src=0)
             reason = shared[0]
         return reason
+
+    def share_evaluation(self) -> None:
+        """Hand the last in-training evaluation's images to the evaluate stage for the weights that made
+        them: each checkpoint saved at that step (after it, or before it at the last epoch) or, at
+        step 0, the base model; where the grid would compute them alike (`grid_mismatch`)."""
+        if self.evaluator is None or self.evaluator.last is None:
+            return
+        step = self.evaluator.last[0]
+        holders = [c for c in self.saved if c.step == step and c.path not in self.shared]
+        base = step == 0 and "base" not in self.shared
+        if not holders and not base:
+            return
+        why = grid_mismatch(self.settings, self.procs.device, checkpoint=bool(holders))
+        if why is not None:
+            self.log(f"the evaluate stage will generate the evaluation images of step {step} again: {why}")
+            self.shared.update([*(c.path for c in holders), "base"])
+            return
+        index = self.ws.hashes()  # the grid's: it finds these digests without reading the files
+        for c in holders:
+            if c.path.is_file():
+                index.remember(c.path, c.sha256)
+            shared = self.evaluator.share(model_fingerprint(str(c.path), index), step)
+            self.shared.add(c.path)
+            self.log(f"{shared} evaluation image(s) of step {step} recorded for {c.path.name}: the evaluate stage reuses them")
+        if base:
+            shared = self.evaluator.share(model_fingerprint(str(self.settings.model.base_model), index), step)
+            self.shared.add("base")
+            self.log(f"{shared} evaluation image(s) of the base model recorded: the evaluate stage reuses them")
+        index.save()
 
     def _save_weights(self, path: Path, info: CheckpointInfo) -> Path:
         """A single-file checkpoint (or diffusers folder); with LoRA, one LoRA file of the adapters."""

@@ -33,6 +33,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
+from likeness.evaluation_images import (
+    EVALUATE_VERSION, FROM_TRAINING, evaluation_dir, generation_settings, image_key, image_records, image_row,
+)
 from likeness.files import write_atomic
 from likeness.latent_index import model_parts, read_latents_index
 from likeness.manifest import read_manifest
@@ -48,16 +51,11 @@ if TYPE_CHECKING:  # models and torch are imported where images are made: a cach
 
     from likeness.tasks.evaluate.class_prior import LossKind
 
-EVALUATE_VERSION = 1
 LOSSES: dict[str, LossKind] = {"class_prior_loss": "class_prior", "validation_loss": "validation"}
 
 
 class EvaluationError(PrepareError):
     """Missing or unusable evaluation inputs: fixing them (not retrying) helps."""
-
-
-def evaluation_dir(ws: Workspace) -> Path:
-    return ws.root / "evaluation"
 
 
 def eval_table(ws: Workspace, stage: str) -> Path:
@@ -152,15 +150,6 @@ def load_candidate(candidate: Candidate, settings: Settings, device: torch.devic
 # --- keys ------------------------------------------------------------------------------------
 
 
-def generation_settings(settings: Settings) -> dict[str, Any]:
-    """What changes a generated image besides weights, prompt and seed."""
-    e = settings.evaluation
-    return {"negative_prompt": e.negative_prompt, "steps": e.steps, "cfg": e.cfg_scale, "sampler": e.sampler,
-            "resolution": e.resolution or settings.resize.resolution,
-            "clip_skip": tuple(getattr(settings.training, part).clip_skip for part in model_parts(settings))}
-    # SD 1.5 has no text_encoder_2: its settings change no image, so they are not in the keys
-
-
 def loss_settings(settings: Settings) -> dict[str, Any]:
     t = settings.training
     return {"seed": settings.evaluation.seed, "timesteps": settings.evaluation.loss_timesteps,
@@ -217,7 +206,8 @@ def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index:
     grids = write_grids(columns, rows, settings, ws)
     outputs = {row["image"]: row["image_hash"] for row in rows}
     outputs.update({str(p): index.digest(p) for p in grids})
-    extra = {"candidates": [asdict(c) for c in columns], "losses": losses, "grids": [str(p) for p in grids]}
+    extra = {"candidates": [asdict(c) for c in columns], "losses": losses, "grids": [str(p) for p in grids],
+             "from_training": sum(row.get("source") == FROM_TRAINING for row in rows)}
     result = write_eval_table(ws, "grid", rows, counts, outputs, extra)
     index.save()
     return result
@@ -225,28 +215,22 @@ def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index:
 
 def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settings, ws: Workspace,
                      index: HashIndex) -> tuple[list[Row], Counts]:
-    from likeness.models.sampling import generate, save_sample
+    """The column's images: recorded ones (by the grid or the in-training evaluation) reused, the rest generated."""
+    from likeness.models.sampling import generate
 
     gen = generation_settings(settings)
-    folder = evaluation_dir(ws) / "images"
 
     def key(item: Row) -> str:
-        return digest_parts("image", EVALUATE_VERSION, column.key, item["prompt"], item["seed"], gen)
+        return image_key(column.key, item["prompt"], item["seed"], gen)
 
     def compute(batch: list[Row]) -> list[Row]:
         images = generate(pipe(), [i["prompt"] for i in batch], [gen["negative_prompt"]] * len(batch),
                           [i["seed"] for i in batch], steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"],
                           resolution=gen["resolution"], clip_skip_1=gen["clip_skip"][0],
                           clip_skip_2=settings.training.text_encoder_2.clip_skip)  # SD 1.5 ignores it
-        out = []
-        for item, image in zip(batch, images, strict=True):
-            path = save_sample(image, folder / f"{key(item)}.png")
-            digest = index.digest(path)
-            out.append({"image": str(path), "image_hash": digest, "outputs": {str(path): digest}})
-        return out
+        return [image_row(ws, index, key(item), image) for item, image in zip(batch, images, strict=True)]
 
-    records = ItemRecords(evaluation_dir(ws) / "records" / "images", index, ws)
-    rows, counts = map_cached(items, key, compute, records, batch_size=1)
+    rows, counts = map_cached(items, key, compute, image_records(ws, index), batch_size=1)
     return [{k: v for k, v in row.items() if k != "outputs"} for row in rows], counts
 
 
@@ -309,11 +293,17 @@ def write_grids(columns: list[Candidate], rows: list[Row], settings: Settings, w
     return paths
 
 
+def reuse_line(result: StageResult, from_training: int) -> str:
+    """E.g. "evaluate: 3 images reused from the in-training evaluation, 0 from earlier runs, 15 generated"."""
+    return (f"evaluate: {from_training} images reused from the in-training evaluation, "
+            f"{result.reused - from_training} from earlier runs, {result.processed} generated")
+
+
 def grid_markdown(result: StageResult, ws: Workspace, max_side: int = 768) -> str:
     """Markdown for the Prefect UI: each grid inline (a downscaled JPEG data URI) and its file path."""
     table = read_eval_table(result, ws)
     lines = [f"# Evaluation grids\n\n{len(table['extra']['candidates'])} columns (base model first), "
-             f"{result.processed} images generated, {result.reused} reused.\n"]
+             f"{reuse_line(result, table['extra'].get('from_training', 0)).removeprefix('evaluate: ')}.\n"]
     for path in map(Path, table["extra"]["grids"]):
         lines += [f"## {path.stem}\n", f"![{path.stem}]({_data_uri(path, max_side)})\n", f"`{path}`\n"]
     return "\n".join(lines)
@@ -335,5 +325,7 @@ def generate_grid(checkpoints: list[str], settings: Settings, ws: Workspace) -> 
     result = grid_stage(checkpoints, settings, ws, ws.hashes(),
                         lambda done, total: logger.info("grid: %d / %d columns done", done, total))
     create_markdown_artifact(grid_markdown(result, ws), key="grid", description="Checkpoints x prompts x seeds")
-    logger.info("%s; overview: %s", result.summary(), read_eval_table(result, ws)["extra"]["grids"][-1])
+    extra = read_eval_table(result, ws)["extra"]
+    logger.info("%s; overview: %s", result.summary(), extra["grids"][-1])
+    logger.info(reuse_line(result, extra["from_training"]))
     return ws.portable(result)
