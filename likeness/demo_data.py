@@ -4,14 +4,17 @@ A "person" concept (the astronaut portrait, Eileen Collins) and a "regularizatio
 cameraman) - real photos of people, so CLIPSeg, the captions and the metrics see real content -
 each multiplied into varied shots: different crops and zooms, mirror images, small rotations,
 light and colour changes and sizes, saved as JPEG like a phone's photos. Deterministic for a
-seed; a file already holding the same bytes is left alone so its mtime (and every cache) stays.
+seed; a file already holding the same bytes is left alone so its mtime (and every cache) stays, and
+when a marker lists every file with its digest and they all match, nothing is generated at all.
 
     paths = write_demo_photos(Path("workspace/demo/photos"), seed=42)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,9 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from likeness.files import write_atomic
+
+MARKER = ".likeness-demo.json"  # what was written, for the next call to check instead of generating
+DEMO_VERSION = 1  # bump when the variations change: the photos are generated again
 
 # Where the person is in each source photo (left, top, right, bottom), so every crop keeps them.
 SOURCES: dict[str, tuple[Callable[[], np.ndarray], tuple[int, int, int, int]]] = {}
@@ -65,6 +71,10 @@ def variation(source: Image.Image, person_box: tuple[int, int, int, int], rng: n
 def write_demo_photos(root: Path, seed: int = 42, counts: dict[str, int] | None = None) -> dict[str, list[Path]]:
     """Write `counts[concept]` photos per concept under root/<concept>/; returns their paths."""
     counts = counts or {"person": 8, "regularization": 12}
+    wanted = {"version": DEMO_VERSION, "seed": seed, "counts": counts}
+    intact = _intact(root, wanted)
+    if intact is not None:
+        return intact
     written: dict[str, list[Path]] = {}
     for index, (concept, count) in enumerate(counts.items()):
         load, box = SOURCES[concept]
@@ -72,7 +82,28 @@ def write_demo_photos(root: Path, seed: int = 42, counts: dict[str, int] | None 
         rng = np.random.default_rng([seed, index])
         written[concept] = [_write_if_changed(root / concept / f"{concept}-{i:02d}.jpg", variation(source, box, rng))
                             for i in range(count)]
+    files = {path.relative_to(root).as_posix(): _digest(path) for paths in written.values() for path in paths}
+    write_atomic(root / MARKER, json.dumps({**wanted, "files": files}, indent=1) + "\n")
     return written
+
+
+def _intact(root: Path, wanted: dict) -> dict[str, list[Path]] | None:
+    """The photos the marker lists, when it was written for these settings and every file is unchanged."""
+    try:
+        marker = json.loads((root / MARKER).read_text())
+        files = marker.pop("files")
+        if marker != wanted or any(_digest(root / name) != digest for name, digest in files.items()):
+            return None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    found: dict[str, list[Path]] = {concept: [] for concept in wanted["counts"]}
+    for name in files:
+        found[name.split("/")[0]].append(root / name)
+    return found if all(len(found[c]) == n for c, n in wanted["counts"].items()) else None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_if_changed(path: Path, image: Image.Image) -> Path:

@@ -60,6 +60,23 @@ def test_a_second_demo_rewrites_none_of_its_inputs(tmp_path, tiny_model_dirs):
     assert mtimes() == before
 
 
+def test_demo_photos_are_generated_again_only_when_one_changed(tmp_path, monkeypatch):
+    from likeness import demo_data
+
+    counts = {"person": 2, "regularization": 1}
+    first = demo_data.write_demo_photos(tmp_path, seed=3, counts=counts)
+    calls = []
+    real = demo_data.variation
+    monkeypatch.setattr(demo_data, "variation", lambda *a: calls.append(1) or real(*a))
+    assert demo_data.write_demo_photos(tmp_path, seed=3, counts=counts) == first and calls == []  # all intact
+    original = first["person"][1].read_bytes()
+    first["person"][1].write_bytes(b"not a photo")
+    assert demo_data.write_demo_photos(tmp_path, seed=3, counts=counts) == first and len(calls) == 3
+    assert first["person"][1].read_bytes() == original  # the same photo written again
+    demo_data.write_demo_photos(tmp_path, seed=4, counts=counts)  # another seed: other photos
+    assert len(calls) == 6 and first["person"][1].read_bytes() != original
+
+
 def test_the_recorded_server_is_used_only_while_it_answers(tmp_path, monkeypatch):
     monkeypatch.setattr(local_server, "healthy", lambda host, port: port == 4321)
     assert local_server.read_state(tmp_path) is None
