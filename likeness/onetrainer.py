@@ -46,7 +46,6 @@ DIRECT = {
     "epochs": "training.epochs",
     "batch_size": "training.batch_size",
     "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-    "dropout_probability": "training.caption_dropout_probability",
     "ema_decay": "training.ema.decay",
     "ema_update_step_interval": "training.ema.update_step_interval",
     "mse_strength": "training.loss.mse_strength",
@@ -81,6 +80,8 @@ HANDLED = {
     "unet", "text_encoder", "text_encoder_2", "vae", "text_encoder_layer_skip", "text_encoder_2_layer_skip",
     "sample_after", "sample_after_unit", "sample_image_format", "save_every", "save_every_unit",
     "save_filename_prefix", "backup_after", "backup_after_unit", "rolling_backup", "aspect_ratio_bucketing",
+    # OneTrainer's LoRA dropout (its LoRA and LyCORIS modules read it; a fine-tune never does): _convert_lora
+    "dropout_probability",
     # meaningless for SDXL full fine-tunes (other model families, LoRA, embeddings) or run mechanics
     "prior", "text_encoder_3", "text_encoder_3_layer_skip", "effnet_encoder", "decoder",
     "decoder_text_encoder", "decoder_vqgan", "embedding", "embedding_learning_rate", "embedding_weight_dtype",
@@ -111,7 +112,7 @@ OPTIMIZER_FIELDS = {
 }
 OPTIMIZER_COMMON = {"weight_decay": "weight_decay", "fused_back_pass": "fused_back_pass",
                     "stochastic_rounding": "stochastic_rounding"}
-PART_NEUTRAL = {"model_name": "", "dropout_probability": 0.0, "include": True}
+PART_NEUTRAL = {"model_name": "", "dropout_probability": 0.0, "include": True}  # text encoders: caption dropout
 SCHEDULERS = {"CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS"}
 PROMPT_SOURCES = {"concept": "text_file", "sample": "per_image", "filename": "filename"}
 
@@ -282,6 +283,8 @@ def _convert_parts(config: dict[str, Any], out: dict[str, Any], warnings: list[s
         dtype = _dtype(section.get("weight_dtype"), f"{part}.weight_dtype", warnings, fallback=global_dtype)
         _set(out, f"{target}.weight_dtype", dtype)
         for key, neutral in PART_NEUTRAL.items():
+            if key == "dropout_probability" and part.startswith("text_encoder"):
+                continue  # caption dropout: _convert_caption_dropout
             if key in section and section[key] != neutral:
                 warnings.append(f"{part}.{key} = {json.dumps(section[key])}: not supported, ignored")
         if part == "vae":  # OneTrainer never trains the VAE in a fine-tune, whatever vae.train says
@@ -297,6 +300,22 @@ def _convert_parts(config: dict[str, Any], out: dict[str, Any], warnings: list[s
     for key, part in (("text_encoder_layer_skip", "text_encoder"), ("text_encoder_2_layer_skip", "text_encoder_2")):
         if not (sd15 and part == "text_encoder_2"):
             _set(out, f"training.{part}.clip_skip", int(config.get(key, 0)))
+    _convert_caption_dropout(config, ("text_encoder",) if sd15 else ("text_encoder", "text_encoder_2"), out, warnings)
+
+
+def _convert_caption_dropout(config: dict[str, Any], parts: tuple[str, ...], out: dict[str, Any],
+                             warnings: list[str]) -> None:
+    """OneTrainer's caption dropout is per text encoder (`<part>.dropout_probability`: that encoder's
+    conditioning zeroed, each encoder drawn on its own); likeness zeroes all of it together with one
+    `training.caption_dropout_probability`. (The top-level `dropout_probability` is the LoRA's.)"""
+    found = {part: float((config.get(part) or {}).get("dropout_probability") or 0.0) for part in parts}
+    probability = max(found.values())
+    if probability > 0:
+        _set(out, "training.caption_dropout_probability", probability)
+    if len(set(found.values())) > 1 or (probability > 0 and len(parts) > 1):
+        given = ", ".join(f"{part}.dropout_probability = {p}" for part, p in found.items())
+        warnings.append(f"{given}: likeness drops the captions of all text encoders together, "
+                        f"with training.caption_dropout_probability = {probability}")
 
 
 def _convert_lora(config: dict[str, Any], out: dict[str, Any], warnings: list[str]) -> None:
@@ -304,7 +323,6 @@ def _convert_lora(config: dict[str, Any], out: dict[str, Any], warnings: list[st
     from likeness.models.lora import LAYER_PRESETS
 
     _set(out, "training.method", "lora")
-    out.get("training", {}).pop("caption_dropout_probability", None)
     lora: dict[str, Any] = {"rank": config.get("lora_rank", 16), "alpha": config.get("lora_alpha", 1.0),
                             "dropout": config.get("dropout_probability") or 0.0}
     if (dtype := _dtype(config.get("lora_weight_dtype"), "lora_weight_dtype", warnings)) is not None:

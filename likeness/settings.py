@@ -322,7 +322,7 @@ class TrainingSettings(Section):
     train_dtype: Dtype = Field("bfloat16", description="Autocast dtype of the forward pass.")
     output_dtype: Dtype = Field("bfloat16", description="Dtype of saved checkpoints.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: much less memory, ~20 % slower; reference on (OneTrainer: gradient_checkpointing).")
-    caption_dropout_probability: UnitInterval = Field(0.0, description="Probability (0-1) that a step trains on an empty caption; reference 0 (OneTrainer: dropout_probability).")
+    caption_dropout_probability: UnitInterval = Field(0.0, description="Probability (0-1) that a step trains on an empty caption; reference 0 (OneTrainer: text_encoder.dropout_probability and text_encoder_2.dropout_probability, drawn there for each encoder on its own).")
     unet: UNetSettings = Field(default_factory=UNetSettings, description="The UNet: trained, learning rate 1e-5 (OneTrainer: unet).")
     text_encoder: TextEncoderSettings = Field(default_factory=TextEncoderSettings, description="The first (CLIP ViT-L) text encoder: trained, learning rate 3e-6 (OneTrainer: text_encoder).")
     text_encoder_2: TextEncoder2Settings = Field(default_factory=TextEncoder2Settings, description="SDXL's second (OpenCLIP bigG) text encoder: frozen in the reference run (OneTrainer: text_encoder_2); ignored for SD 1.5.")

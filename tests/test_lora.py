@@ -99,6 +99,20 @@ def test_low_rank_matches_the_svd_optimum_and_kohya_shapes():
     assert full.down.shape == (5, 5) and torch.allclose(full.up @ full.down, tall, atol=1e-5)
 
 
+def test_randomized_low_rank_is_seeded_and_near_the_optimum():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(512, 256, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    diff = (u * (1e-2 / torch.arange(1, 257))) @ v.T  # (512, 256), a power-law spectrum
+    exact = low_rank(diff, 8, "exact")
+    auto = low_rank(diff, 8)  # 8 + 8 directions, a quarter of 256 at most: the randomized way
+    assert torch.equal(auto.up, low_rank(diff, 8, "randomized").up)  # that way, and the same file every time
+    assert auto.down.shape == (8, 256) and auto.up.shape == (512, 8)
+    assert exact.residual_sq <= auto.residual_sq <= exact.residual_sq * 1.01 ** 2  # error within 1 % of optimal
+    with pytest.raises(ValueError, match="unknown method"):
+        low_rank(diff, 8, "svd")
+
+
 def test_extracted_lora_loads_in_diffusers_and_approaches_the_checkpoint(tuned_pair, base_pipeline, tmp_path):
     base, checkpoint, tuned = tuned_pair
     base_pipe = base_pipeline

@@ -183,3 +183,27 @@ def test_stochastic_rounding_off_with_bf16_weights_is_a_caution(tmp_path, refere
     for part in ("unet", "text_encoder"):
         config[part]["weight_dtype"] = "FLOAT_32"
     assert import_onetrainer(write(tmp_path, config)).cautions == []
+
+
+def test_caption_dropout_comes_from_the_text_encoder_sections(tmp_path, reference):
+    # The top-level dropout_probability is OneTrainer's LoRA dropout: a fine-tune ignores it.
+    config = copy.deepcopy(reference) | {"dropout_probability": 0.3}
+    result = import_onetrainer(write(tmp_path, config))
+    assert result.settings.training.caption_dropout_probability == 0 and result.warnings == []
+    # Caption dropout is per text encoder there (text_encoder.dropout_probability, ...): one value here.
+    config["text_encoder"] = {**config["text_encoder"], "dropout_probability": 0.1}
+    config["text_encoder_2"] = {**config["text_encoder_2"], "dropout_probability": 0.1}
+    result = import_onetrainer(write(tmp_path, config))
+    assert result.settings.training.caption_dropout_probability == 0.1
+    assert len(result.warnings) == 1 and "together" in result.warnings[0]  # each encoder on its own there
+    config["text_encoder_2"]["dropout_probability"] = 0.0
+    result = import_onetrainer(write(tmp_path, config))
+    assert result.settings.training.caption_dropout_probability == 0.1
+    assert "text_encoder_2.dropout_probability = 0.0" in result.warnings[0]
+    sd15 = config | {"model_type": "STABLE_DIFFUSION_15", "resolution": "512"}  # one encoder: the same thing
+    result = import_onetrainer(write(tmp_path, sd15))
+    assert result.settings.training.caption_dropout_probability == 0.1 and result.warnings == []
+    lora = config | {"training_method": "LORA", "dropout_probability": 0.2}
+    lora["text_encoder_2"] = {**config["text_encoder_2"], "train": False}
+    t = import_onetrainer(write(tmp_path, lora)).settings.training
+    assert (t.lora.dropout, t.caption_dropout_probability) == (0.2, 0.1)

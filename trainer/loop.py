@@ -97,7 +97,7 @@ def place_models(pipe: Any, settings: Settings, device: torch.device) -> list[st
     if training.method == "lora":  # the parts freeze; only their new adapters train
         from likeness.models.lora_train import add_lora_adapters
 
-        add_lora_adapters(pipe, trained, training.lora)
+        add_lora_adapters(pipe, trained, training.lora, settings.run.seed)
     if training.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for part in ("text_encoder", "text_encoder_2"):

@@ -47,11 +47,20 @@ def layer_filters(preset: str, layers: Sequence[str] | None) -> list[str]:
     return LAYER_PRESETS[preset]
 
 
-def add_lora_adapters(pipe: Any, parts: Iterable[str], lora: Any) -> dict[str, int]:
+def add_lora_adapters(pipe: Any, parts: Iterable[str], lora: Any, seed: int = 0) -> dict[str, int]:
     """Freeze each part of `parts` and give it LoRA adapters (peft) as `lora` (training.lora) says.
 
-    Returns the number of adapted layers per part. Only the adapters require gradients afterwards.
+    The adapters' random init (peft: Kaiming-uniform A, zero B) comes from `seed` (run.seed), not
+    from whatever state torch's global generator is in, so a run is reproducible and its resume
+    from a backup continues the same run. Returns the number of adapted layers per part. Only the
+    adapters require gradients afterwards.
     """
+    with torch.random.fork_rng(devices=[]):  # peft creates the adapters on the CPU, then moves them
+        torch.random.default_generator.manual_seed(seed)
+        return _add_adapters(pipe, parts, lora)
+
+
+def _add_adapters(pipe: Any, parts: Iterable[str], lora: Any) -> dict[str, int]:
     counts = {}
     for part in parts:
         if part not in LORA_PARTS:
