@@ -38,6 +38,7 @@ VARIANTS = {  # name -> settings sections over the reference run's; compiled one
     "checkpointing off": {"training": {"gradient_checkpointing": False}},
     "fused back pass off": {"optimizer": {"fused_back_pass": False}},
     "factor_conv matrix": {"optimizer": {"adafactor": {"factor_conv": "matrix"}}},
+    "nonfinite check per step": {"training": {"nonfinite_check": "step"}},  # vs one host sync per parameter
     "compile": {"training": {"compile": True}},
 }
 

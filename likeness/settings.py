@@ -334,6 +334,7 @@ class TrainingSettings(Section):
     iterations_per_second: PositiveFloat = Field(1.13, description="For duration estimates until a real run measures it (reference: RTX 4090, batch 1).")
     tensorboard: bool = Field(False, description="Also log loss, learning rates and samples to TensorBoard (workspace/tensorboard; needs the 'tensorboard' extra).")
     max_nonfinite_steps: int = Field(3, ge=1, description="Steps with a NaN/inf loss or gradient (never applied: skipped, or rolled back to the last backup) after which training stops with an error.")
+    nonfinite_check: Literal["parameter", "step"] = Field("parameter", description="With the fused back pass: 'parameter' checks each gradient before its parameter steps (a bad step is skipped; one host sync per parameter), 'step' reads one flag on the device after backward (one sync per step, faster on a GPU; a bad gradient rolls back to the last backup).")
     offload_frozen: bool = Field(True, description="Keep the parts whose outputs are cached (the VAE, frozen text encoders) on the CPU during training steps; they visit the device only to sample (OneTrainer's temp device).")
     compile: bool = Field(False, description="torch.compile the UNet (the first steps are slow while it compiles; then faster on a GPU).")
     compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend for training.compile: inductor (fastest), aot_eager or eager (checks, no speed-up).")

@@ -35,6 +35,26 @@ def test_fused_back_pass_steps_no_parameter_from_the_first_bad_gradient_on():
     assert fused.stepped == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_per_step_check_reads_no_flag_during_backward_and_flags_the_step_after_it(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    fused = FusedBackPass(AdamW([{"params": list(model.parameters()), "part": "unet"}], lr=0.1),
+                          check_finite=True, check_per_step=True)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    fused.start()
+    model(torch.ones(2, 3)).sum().backward()
+    assert reads == [] and fused.good  # no host read inside backward
+    fused.finish()
+    assert len(reads) == 1 and fused.good and fused.stepped == 6  # one read per step
+    model[1].weight.register_hook(lambda grad: grad * float("nan"))
+    fused.start()
+    model(torch.ones(2, 3)).sum().backward()
+    fused.finish()
+    assert not fused.good and fused.stepped == 6  # every parameter stepped: the caller rolls back
+
+
 def _nan_loss_at(monkeypatch, steps):
     """Make the loss of the given (0-based) forward passes NaN."""
     real, calls = loop.diffusion_losses, {"n": 0}
@@ -81,10 +101,12 @@ def test_a_nan_loss_is_skipped_and_the_run_goes_on(train_settings, monkeypatch, 
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_bad_gradient_after_fused_steps_rolls_back_to_the_last_backup(train_settings, monkeypatch):
-    """A NaN gradient half-way through the fused back pass: some parameters already stepped, so the
-    run goes back to its last backup, replays, and ends with the weights of a clean run."""
-    settings = train_settings(training={"epochs": 1}, optimizer={"fused_back_pass": True},
+@pytest.mark.parametrize("check", ["parameter", "step"])
+def test_a_bad_gradient_after_fused_steps_rolls_back_to_the_last_backup(train_settings, monkeypatch, check):
+    """A NaN gradient half-way through the fused back pass: some parameters already stepped (with the
+    check per step: all of them), so the run goes back to its last backup, replays, and ends with the
+    weights of a clean run."""
+    settings = train_settings(training={"epochs": 1, "nonfinite_check": check}, optimizer={"fused_back_pass": True},
                               backups={"every": 2, "unit": "STEP"}, **QUIET)
     clean = load_file(loop.train(settings, log=lambda line: None).final_checkpoint)
     ws = Workspace.from_settings(settings)

@@ -38,7 +38,7 @@ def training_relevant(settings: Settings) -> dict[str, Any]:
     relevant = settings.model_dump(mode="json", include={"model", "concepts", "training", "optimizer", "schedule"})
     training = relevant["training"]
     sd15_unused = ["text_encoder_2"] if settings_family(settings) == "sd15" else []
-    for name in ("iterations_per_second", "max_nonfinite_steps", "epochs", *sd15_unused,  # not what is trained
+    for name in ("iterations_per_second", "max_nonfinite_steps", "nonfinite_check", "epochs", *sd15_unused,  # not what is trained
                  "offload_frozen", "compile", "compile_backend", "read_loss_every"):       # run mechanics
         training.pop(name)
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):

@@ -179,7 +179,8 @@ class Trainer:
             self.log("warning: optimizer.fused_back_pass is off with several processes: gradients are "
                      "averaged across processes before a normal optimizer step (more memory)")
             return None
-        return FusedBackPass(self.optimizer, self.accumulation, check_finite=True)
+        return FusedBackPass(self.optimizer, self.accumulation, check_finite=True,
+                             check_per_step=self.settings.training.nonfinite_check == "step")
 
     def _likely_causes(self) -> str:
         t = self.settings.training
@@ -291,6 +292,8 @@ class Trainer:
             self.fused.start(finite=math.isfinite(value))
         if loss.requires_grad and (self.fused is None or self.fused.good):  # False once every part stopped
             (loss / self.accumulation).backward()
+            if self.fused is not None:
+                self.fused.finish()
         return value
 
     def autocast(self):

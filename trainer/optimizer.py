@@ -247,18 +247,22 @@ class FusedBackPass:
 
     With `check_finite`, each gradient is checked before its parameter steps: from the first
     non-finite one on, no parameter of this backward pass steps (`good` turns False; `stepped`
-    says how many already had). Call `start()` before each backward pass.
+    says how many already had). That reads each check on the host, one device sync per parameter;
+    `check_per_step=True` instead folds the checks into one flag on the device, read by `finish()`
+    after backward (every parameter steps; a bad gradient leaves `good` False with `stepped` > 0, so
+    the caller goes back to a saved state). Call `start()` before and `finish()` after each backward.
     """
 
     def __init__(self, optimizer: StepwiseOptimizer, gradient_accumulation_steps: int = 1,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, check_per_step: bool = False) -> None:
         if gradient_accumulation_steps > 1:
             raise ValueError(
                 "optimizer.fused_back_pass cannot be combined with training.gradient_accumulation_steps "
                 f"= {gradient_accumulation_steps}: set one of them off (accumulation steps 1)"
             )
         self.optimizer = optimizer
-        self.check_finite, self.good, self.stepped = check_finite, True, 0
+        self.check_finite, self.check_per_step, self.good, self.stepped = check_finite, check_per_step, True, 0
+        self._finite: torch.Tensor | None = None  # the per-step flag, on the device
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook)
             for group in optimizer.param_groups for p in group["params"]
@@ -266,11 +270,21 @@ class FusedBackPass:
 
     def start(self, finite: bool = True) -> None:
         """A new backward pass; `finite=False` (a non-finite loss) lets no parameter step in it."""
-        self.good, self.stepped = finite, 0
+        self.good, self.stepped, self._finite = finite, 0, None
+
+    def finish(self) -> None:
+        """After backward: with `check_per_step`, read the step's one flag (its one host sync)."""
+        if self._finite is not None and not bool(self._finite):
+            self.good = False
+        self._finite = None
 
     def _hook(self, p: torch.Tensor) -> None:
-        if self.good and self.check_finite and not bool(torch.isfinite(p.grad).all()):
-            self.good = False
+        if self.good and self.check_finite:
+            finite = torch.isfinite(p.grad).all()
+            if self.check_per_step:
+                self._finite = finite if self._finite is None else self._finite & finite
+            elif not bool(finite):
+                self.good = False
         if self.good and self.optimizer.group_of(p)["train"]:
             self.optimizer.step_param(p)
             self.stepped += 1
