@@ -145,6 +145,35 @@ def _click_submit(driver, timeout: float = 60) -> None:
     buttons[0].click()
 
 
+def _submit_until_a_run_exists(driver, served, deployment_id: str, before: set, form_url: str, tmp_path,
+                               attempts: int = 3, wait: float = 90) -> list[dict]:
+    """Click Submit until the run exists. The form validates on the server before it creates the run;
+    a click that neither created a run nor left the form (lost on a loaded machine) is repeated, and
+    a form that shows validation errors fails with them."""
+
+    def new_runs(seconds: float) -> list[dict]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if new := [r for r in served.runs(deployment_id={"any_": [deployment_id]}) if r["id"] not in before]:
+                return new
+            time.sleep(0.5)
+        return []
+
+    for attempt in range(attempts):
+        _click_submit(driver)
+        if new := new_runs(wait):
+            return new
+        if driver.current_url != form_url:  # the UI left the form: it submitted, the run comes late
+            if new := new_runs(2 * wait):
+                return new
+            break
+        errors = [e.text for e in driver.find_elements("css selector", "[class*='error'], [role='alert']") if e.text.strip()]
+        _screenshot(driver, tmp_path, f"custom-run-submit-{attempt}")
+        assert not errors, f"the form refused the change: {errors[:10]}"
+    body = driver.find_element("tag name", "body").text
+    raise AssertionError(f"Submit created no flow run ({attempt + 1} click(s)); {driver.current_url} ends with:\n{body[-3000:]}")
+
+
 def test_custom_run_opens_on_the_profile_and_runs_the_change(browser, served, pipeline_run, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
@@ -162,13 +191,8 @@ def test_custom_run_opens_on_the_profile_and_runs_the_change(browser, served, pi
     epochs.send_keys("2")
     assert epochs.get_attribute("value") == "2"
     _screenshot(browser, tmp_path, "custom-run-form")
-    _click_submit(browser)
-
-    deadline = time.monotonic() + 180  # a loaded 2-core CI machine validates and creates slowly
-    while not (new := [r for r in served.runs(deployment_id={"any_": [deployment["id"]]}) if r["id"] not in before]):
-        body = browser.find_element("tag name", "body").text
-        assert time.monotonic() < deadline, f"Submit created no flow run; {browser.current_url} shows:\n{body[:3000]}"
-        time.sleep(0.5)
+    form_url = browser.current_url
+    new = _submit_until_a_run_exists(browser, served, deployment["id"], before, form_url, tmp_path)
     run = served.wait(new[0]["id"], timeout=900)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     settings = run["parameters"]["settings"]
