@@ -42,6 +42,18 @@ def generation_settings(settings: Settings) -> dict[str, Any]:
     # SD 1.5 has no text_encoder_2: its settings change no image, so they are not in the keys
 
 
+def generate_images(pipe: Any, settings: Settings, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    """The evaluation image of each (prompt, seed) pair, made as `generation_settings` says: the one way
+    the grid and the in-training evaluation generate, so that their images are each other's."""
+    from likeness.models import sampling  # diffusers: only where an image is made
+
+    gen = generation_settings(settings)
+    return sampling.generate(pipe, prompts, [gen["negative_prompt"]] * len(prompts), seeds, steps=gen["steps"],
+                             cfg=gen["cfg"], sampler=gen["sampler"], resolution=gen["resolution"],
+                             clip_skip_1=gen["clip_skip"][0],
+                             clip_skip_2=settings.training.text_encoder_2.clip_skip)  # SD 1.5 ignores it
+
+
 def image_key(model_key: str, prompt: str, seed: int, gen: dict[str, Any]) -> str:
     """The cache key of one image: weights (their content fingerprint), prompt, seed, generation settings."""
     return digest_parts("image", EVALUATE_VERSION, model_key, prompt, seed, gen)

@@ -101,7 +101,7 @@ def test_training_evaluates_logs_and_stops_early(train_settings, tiny_model_dirs
 @pytest.fixture
 def grid_generations(monkeypatch):
     """The images the grid stage generates, as (checkpoint file name or 'base', seed)."""
-    from likeness.models import sampling  # the grid imports generate from it when it generates
+    from likeness.models import sampling  # evaluation images are generated through it at call time
     from likeness.tasks.evaluate import grid as grid_module
 
     made, generate, load = [], sampling.generate, grid_module.load_candidate
@@ -112,11 +112,12 @@ def grid_generations(monkeypatch):
         return load(candidate, *args)
 
     def counting_generate(pipe, prompts, negatives, seeds, **kwargs):
-        made.extend((loading[-1], seed) for seed in seeds)
+        if loading:  # the grid loaded a column (the training's own evaluation generates through here too)
+            made.extend((loading[-1], seed) for seed in seeds)
         return generate(pipe, prompts, negatives, seeds, **kwargs)
 
     monkeypatch.setattr(grid_module, "load_candidate", counting_load)
-    monkeypatch.setattr(sampling, "generate", counting_generate)  # the trainer's evaluation bound its own at import
+    monkeypatch.setattr(sampling, "generate", counting_generate)
     return made
 
 

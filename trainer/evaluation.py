@@ -37,14 +37,14 @@ from typing import Any
 import torch
 
 from likeness.content import HashIndex
-from likeness.evaluation_images import FROM_TRAINING, generation_settings, image_key, record_image
+from likeness.evaluation_images import FROM_TRAINING, generate_images, generation_settings, image_key, record_image
 from likeness.files import write_atomic
 from likeness.latent_index import model_parts
 from likeness.manifest import read_manifest
 from likeness.models.embeddings import clip_text_embeddings, embed_images, load_embedder, mean_paired_similarity
 from likeness.models.faces import load_face_models, open_photo, reference_embeddings, score_identity
 from likeness.models.prompt_weights import plain_text
-from likeness.models.sampling import generate, save_sample
+from likeness.models.sampling import save_sample
 from likeness.settings import Settings
 from likeness.workspace import Workspace
 
@@ -137,11 +137,8 @@ class InTrainingEvaluator:
 
     def evaluate(self, pipe: Any, step: int, epoch: int) -> Row:
         """Generate and score; the row (step, epoch, face_identity, face_no_face, clip_t, ...) joins the history."""
-        gen, started, items = generation_settings(self.settings), time.monotonic(), self.items()
-        images = generate(pipe, [p for p, _ in items], [gen["negative_prompt"]] * len(items), [s for _, s in items],
-                          steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"], resolution=gen["resolution"],
-                          clip_skip_1=gen["clip_skip"][0],  # as the grid generates them (tasks/evaluate/grid.py)
-                          clip_skip_2=self.settings.training.text_encoder_2.clip_skip)
+        started, items = time.monotonic(), self.items()
+        images = generate_images(pipe, self.settings, [p for p, _ in items], [s for _, s in items])  # as the grid does
         row: Row = {"step": step, "epoch": epoch, **score_identity(self.faces, images, self.references).summary()}
         if self.during.prompt_fidelity:
             pictures = embed_images(self.clip, images)

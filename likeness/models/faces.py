@@ -70,11 +70,17 @@ def default_model_paths() -> tuple[Path, Path]:
     return Path(str(folder / DETECTOR_FILE)), Path(str(folder / RECOGNIZER_FILE))
 
 
+def face_model_files(detector: str | Path | None = None, recognizer: str | Path | None = None) -> tuple[Path, Path]:
+    """The YuNet and SFace files to use: the given ones, the bundled ones for None."""
+    default_detector, default_recognizer = default_model_paths() if detector is None or recognizer is None else (None, None)
+    return Path(detector or default_detector), Path(recognizer or default_recognizer)
+
+
 def load_face_models(detector: str | Path | None = None, recognizer: str | Path | None = None,
                      score_threshold: float = SCORE_THRESHOLD) -> FaceModels:
     """YuNet + SFace from the given files (None: the bundled ones); loaded once per process."""
-    default_detector, default_recognizer = default_model_paths() if detector is None or recognizer is None else (None, None)
-    return _load(str(detector or default_detector), str(recognizer or default_recognizer), float(score_threshold))
+    detector_file, recognizer_file = face_model_files(detector, recognizer)
+    return _load(str(detector_file), str(recognizer_file), float(score_threshold))
 
 
 @lru_cache(maxsize=4)

@@ -34,7 +34,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from likeness.content import HashIndex, bytes_digest, digest_parts, file_digest, model_fingerprint
 from likeness.evaluation_images import (
-    EVALUATE_VERSION, FROM_TRAINING, evaluation_dir, generation_settings, image_key, image_records, image_row,
+    EVALUATE_VERSION, FROM_TRAINING, evaluation_dir, generate_images, generation_settings, image_key, image_records,
+    image_row,
 )
 from likeness.files import write_atomic
 from likeness.latent_index import model_parts, read_latents_index
@@ -216,18 +217,13 @@ def grid_stage(checkpoints: list[str], settings: Settings, ws: Workspace, index:
 def _generate_column(column: Candidate, items: list[Row], pipe, settings: Settings, ws: Workspace,
                      index: HashIndex) -> tuple[list[Row], Counts]:
     """The column's images: recorded ones (by the grid or the in-training evaluation) reused, the rest generated."""
-    from likeness.models.sampling import generate
-
     gen = generation_settings(settings)
 
     def key(item: Row) -> str:
         return image_key(column.key, item["prompt"], item["seed"], gen)
 
     def compute(batch: list[Row]) -> list[Row]:
-        images = generate(pipe(), [i["prompt"] for i in batch], [gen["negative_prompt"]] * len(batch),
-                          [i["seed"] for i in batch], steps=gen["steps"], cfg=gen["cfg"], sampler=gen["sampler"],
-                          resolution=gen["resolution"], clip_skip_1=gen["clip_skip"][0],
-                          clip_skip_2=settings.training.text_encoder_2.clip_skip)  # SD 1.5 ignores it
+        images = generate_images(pipe(), settings, [i["prompt"] for i in batch], [i["seed"] for i in batch])
         return [image_row(ws, index, key(item), image) for item, image in zip(batch, images, strict=True)]
 
     rows, counts = map_cached(items, key, compute, image_records(ws, index), batch_size=1)

@@ -33,7 +33,7 @@ from prefect.artifacts import create_table_artifact
 from likeness.content import HashIndex, bytes_digest, digest_parts, model_fingerprint
 from likeness.files import write_atomic
 from likeness.manifest import read_manifest
-from likeness.models.faces import SUMMARY_KEYS, default_model_paths, load_face_models, open_photo, reference_embeddings, score_identity
+from likeness.models.faces import SUMMARY_KEYS, face_model_files, load_face_models, open_photo, reference_embeddings, score_identity
 from likeness.settings import Settings
 from likeness.stages import Counts, ItemRecords, Row, StageResult
 from likeness.tasks.common import StagePolicy
@@ -77,8 +77,7 @@ def scores_key(grid: StageResult, settings: Settings, ws: Workspace) -> str:
 def face_settings(settings: Settings, index: HashIndex) -> Any:
     """What changes a face identity: the two model files' content and the detection threshold."""
     e = settings.evaluation
-    defaults = default_model_paths() if e.face_detector is None or e.face_recognizer is None else (None, None)
-    files = [Path(e.face_detector or defaults[0]), Path(e.face_recognizer or defaults[1])]
+    files = face_model_files(e.face_detector, e.face_recognizer)
     if not all(path.is_file() for path in files):
         load_face_models(e.face_detector, e.face_recognizer, e.face_score_threshold)  # says which file is wrong
     return [index.digest(path) for path in files], e.face_score_threshold  # no model load (nor cv2) for a key
